@@ -1,0 +1,26 @@
+"""TA-OPD core: teachability statistics, normalization, selectors, budget, losses, metrics.
+
+Pure torch/numpy; never imports verl, Ray or vLLM. The numerical contract is
+``shared/spec/teachability.md``; equation numbers refer to arXiv 2605.26844.
+"""
+
+from ta_opd.budget import BudgetResult, budget_count, select_budget
+from ta_opd.config import TAConfig
+from ta_opd.errors import TAConfigError, TAInputError
+from ta_opd.losses import LossInputs, LossOutput, aggregate, available_losses, compute_loss, register_loss
+from ta_opd.normalize import apply_range, quantile_range, quantiles, robust_normalize
+from ta_opd.select import Normalized, Selection, normalize_batch, select_positions
+from ta_opd.selectors import available_selectors, get_selector, register_selector
+from ta_opd.stats import PositionStats, dense_position_stats, sparse_position_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TAConfig", "TAConfigError", "TAInputError",
+    "PositionStats", "dense_position_stats", "sparse_position_stats",
+    "quantiles", "quantile_range", "apply_range", "robust_normalize",
+    "available_selectors", "get_selector", "register_selector",
+    "budget_count", "select_budget", "BudgetResult",
+    "Normalized", "Selection", "normalize_batch", "select_positions",
+    "LossInputs", "LossOutput", "aggregate", "available_losses", "compute_loss", "register_loss",
+]

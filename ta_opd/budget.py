@@ -1,0 +1,106 @@
+"""Budget selection (Eq. 13): keep exactly n = ceil(rho·|I|) valid positions of the whole batch.
+
+Order: higher score first; ties go to the earlier position within its response, then to the
+earlier sequence in batch order. Positions are counted among each row's valid positions, so
+padding (left or right) never changes the mask of real positions.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ta_opd._checks import check_finite, check_mask, check_tensor
+from ta_opd.errors import TAInputError
+
+# rho·|I| within this relative distance of an integer is that integer: in binary floating point
+# 0.07 * 100 = 7.000000000000001, whose plain ceil would keep 8 positions instead of 7.
+_INTEGER_TOLERANCE = 1e-9
+
+
+def budget_count(rho: float, n_valid: int) -> int:
+    """n = ceil(rho · n_valid), robust to floating-point noise in the product."""
+    if not (0.0 < rho <= 1.0):
+        raise TAInputError(f"budget rho={rho!r} is not allowed; it must be in (0, 1]")
+    if n_valid <= 0:
+        raise TAInputError(f"empty batch: {n_valid} valid positions; the budget needs at least one")
+    x = rho * n_valid
+    r = round(x)
+    if r >= 1 and abs(x - r) <= _INTEGER_TOLERANCE * x:
+        return min(int(r), n_valid)
+    return min(math.ceil(x), n_valid)
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    mask: torch.Tensor  # (B, T) bool, kept positions
+    target: int  # n = ceil(rho·|I|)
+    kept: int  # positions actually kept
+    shortfall: int  # n - kept when fewer candidates than n (Q3 selectors); else 0
+    min_keep_extra: int  # positions added by min_keep_per_sequence beyond the global top-n
+
+
+def _global_order(scores: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor):
+    """Candidates sorted by (score desc, position asc, sequence asc). Returns (b, t) index tensors."""
+    pos = valid.long().cumsum(1) - 1  # (B, T) position among the row's valid positions
+    b_idx, t_idx = cand.nonzero(as_tuple=True)  # row-major
+    by_pos = torch.argsort(pos[b_idx, t_idx], stable=True)  # (pos asc, b asc)
+    s = scores[b_idx, t_idx][by_pos]
+    order = by_pos[torch.argsort(s, descending=True, stable=True)]
+    return b_idx[order], t_idx[order]
+
+
+def _rank_in_row(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """For a sequence of row ids in global order, each entry's rank among entries of its row."""
+    grouped = torch.argsort(rows, stable=True)
+    r_sorted = rows[grouped]
+    counts = torch.bincount(r_sorted, minlength=n_rows)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(rows)
+    rank[grouped] = torch.arange(rows.numel(), device=rows.device) - starts[r_sorted]
+    return rank
+
+
+def select_budget(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    budget: float,
+    *,
+    candidates: torch.Tensor | None = None,
+    min_keep_per_sequence: int = 0,
+) -> BudgetResult:
+    """Keep the top-n candidates of the whole batch by score (Eq. 13).
+
+    scores: (B, T) float, finite at valid positions. valid: (B, T) bool (real response
+    positions after padding and trainer masks). candidates: optional (B, T) bool restricting
+    which valid positions may be kept (Q3 selectors). min_keep_per_sequence: every sequence
+    also keeps its best m candidates (the kept count may then exceed n; it is reported).
+    """
+    check_tensor("scores", scores, ndim=2, floating=True)
+    valid = check_mask("valid", valid, scores.shape)
+    n_valid = int(valid.sum())
+    n = budget_count(budget, n_valid)
+    check_finite("scores", scores, valid)
+    cand = valid if candidates is None else valid & check_mask("candidates", candidates, scores.shape)
+    if not isinstance(min_keep_per_sequence, int) or min_keep_per_sequence < 0:
+        raise TAInputError(f"min_keep_per_sequence={min_keep_per_sequence!r} must be an integer >= 0")
+    b_o, t_o = _global_order(scores, cand, valid)
+    keep = torch.arange(b_o.numel(), device=scores.device) < n
+    top_n = int(keep.sum())
+    if min_keep_per_sequence > 0:
+        keep |= _rank_in_row(b_o, scores.shape[0]) < min_keep_per_sequence
+    mask = torch.zeros_like(valid)
+    mask[b_o[keep], t_o[keep]] = True
+    kept = int(keep.sum())
+    shortfall = n - top_n
+    if shortfall > 0:
+        warnings.warn(
+            f"only {top_n} candidate positions for a budget of {n}: kept {top_n} "
+            f"(shortfall {shortfall}, logged as ta_opd/budget/shortfall)", stacklevel=2)
+    return BudgetResult(mask=mask, target=n, kept=kept, shortfall=shortfall, min_keep_extra=kept - top_n)
+
+
+__all__ = ["budget_count", "select_budget", "BudgetResult"]

@@ -1,0 +1,60 @@
+"""Selection metrics, named ``ta_opd/<quantity>[/<stat>]`` (spec: "Budget"; issue: metrics)."""
+
+from __future__ import annotations
+
+import torch
+
+from ta_opd.normalize import quantiles
+
+_QS = (0.05, 0.5, 0.95)
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.double().mean()) if x.numel() else float("nan")
+
+
+def _describe(prefix: str, x: torch.Tensor) -> dict[str, float]:
+    q = quantiles(x.float(), _QS)
+    return {f"{prefix}/p05": q[0], f"{prefix}/p50": q[1], f"{prefix}/p95": q[2], f"{prefix}/mean": _mean(x)}
+
+
+def selection_metrics(*, D, C, H, DL, DI, q3, valid, mask, scores, missing=None, C_low=None, C_high=None,
+                      D_spread=None, target=None, shortfall=0, min_keep_extra=0) -> dict[str, float]:
+    """All inputs (B, T) except the counts. Raw D, C, H; normalized D^L, D^I; q3 and masks bool.
+
+    Kept-vs-dropped means are over valid positions; a side with no position reports NaN.
+    """
+    n_valid = int(valid.sum())
+    n_kept = int(mask.sum())
+    dropped = valid & ~mask
+    m = {
+        "ta_opd/valid_count": float(n_valid),
+        "ta_opd/kept_count": float(n_kept),
+        "ta_opd/kept_ratio": n_kept / n_valid,
+        "ta_opd/budget/target": float(target if target is not None else n_kept),
+        "ta_opd/budget/shortfall": float(shortfall),
+        "ta_opd/budget/min_keep_extra": float(min_keep_extra),
+        "ta_opd/DL/kept_mean": _mean(DL[mask]),
+        "ta_opd/DL/dropped_mean": _mean(DL[dropped]),
+        "ta_opd/DI/kept_mean": _mean(DI[mask]),
+        "ta_opd/DI/dropped_mean": _mean(DI[dropped]),
+        "ta_opd/q3/fraction": float(q3[valid].float().mean()),
+        "ta_opd/q3/kept_fraction": _mean(q3[mask].float()),
+        "ta_opd/score/kept_mean": _mean(scores[mask]),
+    }
+    for name, x in (("D", D), ("C", C), ("H", H)):
+        m.update(_describe(f"ta_opd/{name}", x[valid]))
+    if missing is not None:
+        miss = missing[valid]
+        m["ta_opd/missing/fraction"] = float((miss > 0).float().mean())
+        m["ta_opd/missing/ids_mean"] = _mean(miss.float())
+    if C_low is not None and C_high is not None:
+        width = (C_high - C_low)[valid]
+        m["ta_opd/C_bound/max_width"] = float(width.max())
+        m["ta_opd/C_bound/mean_width"] = _mean(width)
+    if D_spread is not None:
+        m["ta_opd/D_spread/max"] = float(D_spread[valid].max())
+    return m
+
+
+__all__ = ["selection_metrics"]

@@ -1,0 +1,83 @@
+"""The selection step of one training step: normalize (Eq. 11), score (Eqs. 12-16), keep the
+budget (Eq. 13), report metrics. This is the one call both backends make per rollout batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ta_opd._checks import check_mask, check_tensor
+from ta_opd.budget import select_budget
+from ta_opd.config import TAConfig
+from ta_opd.errors import TAInputError
+from ta_opd.metrics import selection_metrics
+from ta_opd.normalize import robust_normalize
+from ta_opd.selectors import ScoreInputs, get_selector, q3_candidates
+from ta_opd.stats import PositionStats
+
+
+@dataclass(frozen=True)
+class Normalized:
+    """Normalized statistics of a batch, (B, T) float32, 0 at invalid positions."""
+
+    D: torch.Tensor  # D̃
+    C: torch.Tensor  # C̃
+    H: torch.Tensor  # H̃
+    DL: torch.Tensor  # D^L = D̃·C̃ (Eq. 12)
+    DI: torch.Tensor  # D^I = D̃(1 - C̃)
+    q3: torch.Tensor  # (B, T) bool, Q3 membership
+
+
+@dataclass(frozen=True)
+class Selection:
+    mask: torch.Tensor  # (B, T) bool, positions that receive the OPD loss
+    scores: torch.Tensor  # (B, T) float32 selector scores (0 at invalid; valid for "full" too)
+    normalized: Normalized
+    metrics: dict[str, float]
+
+
+def normalize_batch(D: torch.Tensor, C: torch.Tensor, H: torch.Tensor, valid: torch.Tensor,
+                    cfg: TAConfig) -> Normalized:
+    """Eq. 11 on D, C, H over the valid positions of the whole batch; D^L, D^I; Q3."""
+    kw = dict(q_low=cfg.q_low, q_high=cfg.q_high, eps=cfg.eps)
+    d, c, h = (robust_normalize(x, valid, **kw) for x in (D, C, H))
+    q3 = q3_candidates(ScoreInputs(D=d, C=c, H=h, valid=valid, seed=cfg.seed, step=0))
+    return Normalized(D=d, C=c, H=h, DL=d * c, DI=d * (1 - c), q3=q3)
+
+
+def select_positions(stats: PositionStats, valid: torch.Tensor, cfg: TAConfig, step: int) -> Selection:
+    """Choose the supervised positions of one rollout batch.
+
+    stats: :class:`PositionStats` with leading shape (B, T) (values at invalid positions are
+    ignored). valid: (B, T) bool, the valid response positions I of the WHOLE batch.
+    step: global training step (seeds the random selector together with cfg.seed).
+    """
+    check_tensor("stats.D", stats.D, ndim=2, floating=True)
+    valid = check_mask("valid", valid, stats.D.shape)
+    if not isinstance(step, int) or step < 0:
+        raise TAInputError(f"step={step!r} must be an integer >= 0")
+    if int(valid.sum()) == 0:
+        raise TAInputError("empty batch: no valid response positions to select from")
+    C = stats.compatibility(cfg.compatibility)
+    norm = normalize_batch(stats.D, C, stats.H, valid, cfg)
+    selector = get_selector(cfg.selector)
+    inputs = ScoreInputs(D=norm.D, C=norm.C, H=norm.H, valid=valid, seed=cfg.seed, step=step)
+    if selector.score is None:
+        scores = torch.where(valid, torch.ones_like(norm.D), torch.zeros_like(norm.D))
+        mask, target, shortfall, extra = valid.clone(), int(valid.sum()), 0, 0
+    else:
+        scores = torch.where(valid, selector.score(inputs), torch.zeros_like(norm.D))
+        res = select_budget(scores, valid, cfg.budget, candidates=norm.q3 if selector.q3 else None,
+                            min_keep_per_sequence=cfg.min_keep_per_sequence)
+        mask, target, shortfall, extra = res.mask, res.target, res.shortfall, res.min_keep_extra
+    exact = cfg.compatibility == "exact"
+    metrics = selection_metrics(
+        D=stats.D, C=C, H=stats.H, DL=norm.DL, DI=norm.DI, q3=norm.q3, valid=valid, mask=mask, scores=scores,
+        missing=stats.missing if exact else None, C_low=stats.C_low if exact else None,
+        C_high=stats.C_high if exact else None, D_spread=stats.D_spread, target=target,
+        shortfall=shortfall, min_keep_extra=extra)
+    return Selection(mask=mask, scores=scores, normalized=norm, metrics=metrics)
+
+
+__all__ = ["Normalized", "Selection", "normalize_batch", "select_positions"]
