@@ -43,14 +43,28 @@ class BudgetResult:
     min_keep_extra: int  # positions added by min_keep_per_sequence beyond the global top-n
 
 
-def _global_order(scores: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor):
-    """Candidates sorted by (score desc, position asc, sequence asc). Returns (b, t) index tensors."""
+def _pos_major_index(valid: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into valid.view(-1)) of the valid positions, ordered by (position within
+    the response, sequence). Rows are left-compacted (each row's valid positions moved to
+    columns 0..len-1) and read column by column: O(B·T), no sort. Returns (N,) int64."""
+    B, T = valid.shape
     pos = valid.long().cumsum(1) - 1  # (B, T) position among the row's valid positions
-    b_idx, t_idx = cand.nonzero(as_tuple=True)  # row-major
-    by_pos = torch.argsort(pos[b_idx, t_idx], stable=True)  # (pos asc, b asc)
-    s = scores[b_idx, t_idx][by_pos]
-    order = by_pos[torch.argsort(s, descending=True, stable=True)]
-    return b_idx[order], t_idx[order]
+    b_idx, t_idx = valid.nonzero(as_tuple=True)  # row-major
+    compact = torch.full((B, T), -1, dtype=torch.long, device=valid.device)
+    compact[b_idx, pos[b_idx, t_idx]] = b_idx * T + t_idx
+    flat = compact.t().reshape(-1)
+    return flat[flat >= 0]
+
+
+def _top_n_threshold(s: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep-flags of the n largest of s (N,), ties to the earlier entry. O(N): one kthvalue."""
+    m = s.numel()
+    if n >= m:
+        return torch.ones(m, dtype=torch.bool, device=s.device)
+    v = torch.kthvalue(s, m - n + 1).values  # the n-th largest value
+    above = s > v
+    at = s == v
+    return above | (at & (at.cumsum(0) <= n - int(above.sum())))
 
 
 def _rank_in_row(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -87,13 +101,22 @@ def select_budget(
     cand = valid if candidates is None else valid & check_mask("candidates", candidates, scores.shape)
     if not isinstance(min_keep_per_sequence, int) or min_keep_per_sequence < 0:
         raise TAInputError(f"min_keep_per_sequence={min_keep_per_sequence!r} must be an integer >= 0")
-    b_o, t_o = _global_order(scores, cand, valid)
-    keep = torch.arange(b_o.numel(), device=scores.device) < n
-    top_n = int(keep.sum())
-    if min_keep_per_sequence > 0:
-        keep |= _rank_in_row(b_o, scores.shape[0]) < min_keep_per_sequence
+    T = scores.shape[1]
+    idx = _pos_major_index(valid)  # (N,) flat indices in (position, sequence) order
+    idx = idx[cand.reshape(-1)[idx]]  # candidates only
+    s = scores.reshape(-1)[idx]
+    if min_keep_per_sequence == 0:
+        # exact top-n under the tie rule in O(B·T): threshold at the n-th largest score
+        keep = _top_n_threshold(s, n)
+        top_n = int(keep.sum())
+    else:
+        order = torch.argsort(s, descending=True, stable=True)  # (score desc, position, sequence)
+        idx = idx[order]
+        keep = torch.arange(idx.numel(), device=scores.device) < n
+        top_n = int(keep.sum())
+        keep |= _rank_in_row(idx // T, scores.shape[0]) < min_keep_per_sequence
     mask = torch.zeros_like(valid)
-    mask[b_o[keep], t_o[keep]] = True
+    mask.view(-1)[idx[keep]] = True
     kept = int(keep.sum())
     shortfall = n - top_n
     if shortfall > 0:

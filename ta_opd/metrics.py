@@ -6,22 +6,20 @@ import torch
 
 from ta_opd.normalize import quantiles
 
-_QS = (0.05, 0.5, 0.95)
-
-
 def _mean(x: torch.Tensor) -> float:
     return float(x.double().mean()) if x.numel() else float("nan")
 
 
-def _describe(prefix: str, x: torch.Tensor) -> dict[str, float]:
-    q = quantiles(x.float(), _QS)
-    return {f"{prefix}/p05": q[0], f"{prefix}/p50": q[1], f"{prefix}/p95": q[2], f"{prefix}/mean": _mean(x)}
+def _level(q: float) -> str:
+    return f"p{round(q * 100):02d}"
 
 
 def selection_metrics(*, D, C, H, DL, DI, q3, valid, mask, scores, missing=None, C_low=None, C_high=None,
-                      D_spread=None, target=None, shortfall=0, min_keep_extra=0) -> dict[str, float]:
+                      D_spread=None, target=None, shortfall=0, min_keep_extra=0, raw_quantiles=None,
+                      quantile_levels=(0.05, 0.5, 0.95)) -> dict[str, float]:
     """All inputs (B, T) except the counts. Raw D, C, H; normalized D^L, D^I; q3 and masks bool.
 
+    raw_quantiles: optional name -> (Q_low, median, Q_high) of raw D, C, H (at quantile_levels).
     Kept-vs-dropped means are over valid positions; a side with no position reports NaN.
     """
     n_valid = int(valid.sum())
@@ -43,7 +41,11 @@ def selection_metrics(*, D, C, H, DL, DI, q3, valid, mask, scores, missing=None,
         "ta_opd/score/kept_mean": _mean(scores[mask]),
     }
     for name, x in (("D", D), ("C", C), ("H", H)):
-        m.update(_describe(f"ta_opd/{name}", x[valid]))
+        # the normalization already computed these quantiles; recompute only when not given
+        qv = raw_quantiles[name] if raw_quantiles else quantiles(x[valid].float(), quantile_levels)
+        for q, v in zip(quantile_levels, qv):
+            m[f"ta_opd/{name}/{_level(q)}"] = v
+        m[f"ta_opd/{name}/mean"] = _mean(x[valid])
     if missing is not None:
         miss = missing[valid]
         m["ta_opd/missing/fraction"] = float((miss > 0).float().mean())

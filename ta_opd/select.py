@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ta_opd._checks import check_mask, check_tensor
+from ta_opd._checks import check_finite, check_mask, check_tensor
 from ta_opd.budget import select_budget
 from ta_opd.config import TAConfig
 from ta_opd.errors import TAInputError
 from ta_opd.metrics import selection_metrics
-from ta_opd.normalize import robust_normalize
+from ta_opd.normalize import _lerp, apply_range, order_stats, quantile_range
 from ta_opd.selectors import ScoreInputs, get_selector, q3_candidates
 from ta_opd.stats import PositionStats
 
@@ -27,6 +27,7 @@ class Normalized:
     DL: torch.Tensor  # D^L = D̃·C̃ (Eq. 12)
     DI: torch.Tensor  # D^I = D̃(1 - C̃)
     q3: torch.Tensor  # (B, T) bool, Q3 membership
+    raw_quantiles: dict[str, tuple[float, float, float]]  # name -> raw (Q_low, median, Q_high)
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,26 @@ class Selection:
     metrics: dict[str, float]
 
 
+def _normalize_one(x: torch.Tensor, valid: torch.Tensor, cfg: TAConfig, name: str):
+    """Eq. 11 for one statistic. Returns (x̃ (B, T), raw (Q_low, median, Q_high), median of x̃)."""
+    vals = x[valid]
+    check_finite(name, vals)
+    lo, hi = quantile_range(vals, cfg.q_low, cfg.q_high)
+    norm = torch.where(valid, apply_range(x, lo, hi, cfg.eps), torch.zeros((), dtype=torch.float32))
+    a, b, t = order_stats(vals, 0.5)
+    # x ↦ x̃ is non-decreasing, so the middle order statistics of x̃ are the images of x's
+    fa, fb = apply_range(torch.tensor([a, b], dtype=torch.float64), lo, hi, cfg.eps).tolist()
+    return norm, (lo, _lerp(a, b, t), hi), _lerp(fa, fb, t)
+
+
 def normalize_batch(D: torch.Tensor, C: torch.Tensor, H: torch.Tensor, valid: torch.Tensor,
                     cfg: TAConfig) -> Normalized:
     """Eq. 11 on D, C, H over the valid positions of the whole batch; D^L, D^I; Q3."""
-    kw = dict(q_low=cfg.q_low, q_high=cfg.q_high, eps=cfg.eps)
-    d, c, h = (robust_normalize(x, valid, **kw) for x in (D, C, H))
-    q3 = q3_candidates(ScoreInputs(D=d, C=c, H=h, valid=valid, seed=cfg.seed, step=0))
-    return Normalized(D=d, C=c, H=h, DL=d * c, DI=d * (1 - c), q3=q3)
+    d, qd, med_d = _normalize_one(D, valid, cfg, "D")
+    c, qc, _ = _normalize_one(C, valid, cfg, "C")
+    h, qh, med_h = _normalize_one(H, valid, cfg, "H")
+    q3 = q3_candidates(h, d, valid, med_h=med_h, med_d=med_d)
+    return Normalized(D=d, C=c, H=h, DL=d * c, DI=d * (1 - c), q3=q3, raw_quantiles={"D": qd, "C": qc, "H": qh})
 
 
 def select_positions(stats: PositionStats, valid: torch.Tensor, cfg: TAConfig, step: int) -> Selection:
@@ -76,7 +90,8 @@ def select_positions(stats: PositionStats, valid: torch.Tensor, cfg: TAConfig, s
         D=stats.D, C=C, H=stats.H, DL=norm.DL, DI=norm.DI, q3=norm.q3, valid=valid, mask=mask, scores=scores,
         missing=stats.missing if exact else None, C_low=stats.C_low if exact else None,
         C_high=stats.C_high if exact else None, D_spread=stats.D_spread, target=target,
-        shortfall=shortfall, min_keep_extra=extra)
+        shortfall=shortfall, min_keep_extra=extra, raw_quantiles=norm.raw_quantiles,
+        quantile_levels=(cfg.q_low, 0.5, cfg.q_high))
     return Selection(mask=mask, scores=scores, normalized=norm, metrics=metrics)
 
 

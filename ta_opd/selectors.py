@@ -87,13 +87,20 @@ def random_scores(valid: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     return out.to(valid.device)
 
 
-def q3_candidates(inp: ScoreInputs) -> torch.Tensor:
-    """Q3 = {H̃ < median(H̃) and D̃ >= median(D̃)} over the valid positions. (B, T) bool."""
+def q3_candidates(H: torch.Tensor, D: torch.Tensor, valid: torch.Tensor, *,
+                  med_h: float | None = None, med_d: float | None = None) -> torch.Tensor:
+    """Q3 = {H̃ < median(H̃) and D̃ >= median(D̃)} over the valid positions (Section 3.4).
+
+    H, D: normalized (B, T); medians over valid positions (computed here unless given).
+    Returns (B, T) bool.
+    """
     from ta_opd.normalize import quantiles
 
-    med_h = quantiles(inp.H[inp.valid], (0.5,))[0]
-    med_d = quantiles(inp.D[inp.valid], (0.5,))[0]
-    return inp.valid & (inp.H.double() < med_h) & (inp.D.double() >= med_d)
+    if med_h is None:
+        med_h = quantiles(H[valid], (0.5,))[0]
+    if med_d is None:
+        med_d = quantiles(D[valid], (0.5,))[0]
+    return valid & (H.double() < med_h) & (D.double() >= med_d)
 
 
 _add(Selector("full", None, description="Full OPD: every valid position"))
