@@ -29,6 +29,8 @@ from ta_opd.errors import TAInputError
 
 # Teacher top-K' probabilities may sum above 1 only by rounding (bf16 log-probs: ~1e-3).
 _MASS_TOLERANCE = 1e-2
+# Positions per block of the (N, K)-sized support statistics (the id lookup is block x K x K').
+_SUPPORT_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -118,9 +120,10 @@ def _check_entropy_mode(entropy: str, k: int) -> None:
         raise TAInputError("entropy='topk' needs topk >= 2 (it divides by log K)")
 
 
-def _student_chunk(x: torch.Tensor, k: int, entropy: str, start: int):
+def _student_chunk(x: torch.Tensor, k: int, entropy: str, start: int, ws: support.Workspace):
     """Student side of one chunk: (log Z, H, top values, top ids); raises on NaN/+inf logits."""
-    log_z, h_full, top_val, top_ids = support.student_pass(x, k)
+    n = x.shape[0]
+    log_z, h_full, top_val, top_ids = support.student_pass(x, k, ws.get(1, n), ws.get(2, n))
     bad = ~torch.isfinite(log_z) | torch.isnan(h_full)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
@@ -199,11 +202,13 @@ def dense_position_stats(
         check_ids("sampled_ids", sampled_ids, vocab)
         y = sampled_ids.reshape(-1, 1).long()
     out = _Buffers(n, topk, student.device, with_teacher_h=True, with_kl=y is not None)
+    ws = support.Workspace(min(chunk_size, n), vocab, student.device, n_buffers=4)
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
-        x = s2[a:b].float()
-        log_z, h, s_top_val, s_ids = _student_chunk(x, topk, entropy, a)
-        t_logp = torch.log_softmax(t2[a:b], dim=-1, dtype=torch.float32)  # (n, V)
+        x = support.as_fp32(s2[a:b], ws.get(0, b - a))
+        log_z, h, s_top_val, s_ids = _student_chunk(x, topk, entropy, a, ws)
+        t_in = support.as_fp32(t2[a:b], ws.get(1, b - a))  # student scratch is free again
+        t_logp = support.log_softmax_into(t_in, ws.get(3, b - a))  # (n, V)
         if bool(torch.isnan(t_logp[:, 0]).any()):
             row = int(torch.isnan(t_logp[:, 0]).nonzero()[0, 0])
             raise TAInputError(f"teacher logits at flattened position {a + row} contain NaN or +inf")
@@ -218,7 +223,7 @@ def dense_position_stats(
         out.D[a:b], out.C[a:b], out.C_low[a:b], out.C_high[a:b] = d, c, c_low, c_high
         out.C_hat[a:b], out.H[a:b], out.D_spread[a:b], out.missing[a:b] = c_hat, h, spread, miss.int()
         out.s_ids[a:b], out.t_ids[a:b] = s_ids, t_ids
-        out.teacher_H[a:b] = support.full_entropy_from_logp(t_logp)
+        out.teacher_H[a:b] = support.entropy_from_logp(t_logp, ws.get(2, b - a))
         if y is not None:
             out.sampled_kl[a:b] = (x.gather(-1, y[a:b]) - log_z.unsqueeze(-1) - t_logp.gather(-1, y[a:b])).squeeze(-1)
     return out.result(lead, topk)
@@ -317,21 +322,28 @@ def sparse_position_stats(
     out = _Buffers(n, topk, student_logits.device, with_teacher_h=teacher_entropy is not None, with_kl=y is not None)
     t_top_logp_all, t_top_idx = tk_logp.topk(topk, dim=-1)  # S_T from the shipped top-K'
     t_ids_all = tk_ids.gather(-1, t_top_idx)
+    # 1) the only pass over (chunk, V): student log Z, H, top-K and the log-probs we gather
+    ws = support.Workspace(min(chunk_size, n), vocab, student_logits.device)
+    s_top_logp = torch.empty(n, topk, dtype=torch.float32, device=student_logits.device)
+    s_logp_at_t = torch.empty_like(s_top_logp)
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
-        x = x2[a:b].float()
-        log_z, h, s_top_val, s_ids = _student_chunk(x, topk, entropy, a)
-        t_ids, t_top_logp = t_ids_all[a:b], t_top_logp_all[a:b]
-        s_top_logp = s_top_val - log_z.unsqueeze(-1)
-        s_logp_at_t = x.gather(-1, t_ids) - log_z.unsqueeze(-1)
-        t_logp_at_s, known = support.lookup(s_ids, pool_ids[a:b], pool_logp[a:b])
-        d, c, c_low, c_high, c_hat, spread, miss = _union_stats(
-            s_ids, s_top_logp, s_logp_at_t, t_ids, t_top_logp, t_logp_at_s, known, fill_logp[a:b], cap_logp[a:b])
-        out.D[a:b], out.C[a:b], out.C_low[a:b], out.C_high[a:b] = d, c, c_low, c_high
-        out.C_hat[a:b], out.H[a:b], out.D_spread[a:b], out.missing[a:b] = c_hat, h, spread, miss.int()
-        out.s_ids[a:b], out.t_ids[a:b] = s_ids, t_ids
+        x = support.as_fp32(x2[a:b], ws.get(0, b - a))
+        log_z, out.H[a:b], s_top_val, out.s_ids[a:b] = _student_chunk(x, topk, entropy, a, ws)
+        s_top_logp[a:b] = s_top_val - log_z.unsqueeze(-1)
+        s_logp_at_t[a:b] = x.gather(-1, t_ids_all[a:b]) - log_z.unsqueeze(-1)
         if y is not None:
             out.sampled_kl[a:b] = (x.gather(-1, y[a:b]) - log_z.unsqueeze(-1)).squeeze(-1)
+    # 2) support statistics on (N, K)-sized tensors, in blocks that bound the (block, K, P) lookup
+    out.t_ids.copy_(t_ids_all)
+    for a in range(0, n, _SUPPORT_BLOCK):
+        b = min(a + _SUPPORT_BLOCK, n)
+        t_logp_at_s, known = support.lookup(out.s_ids[a:b], pool_ids[a:b], pool_logp[a:b])
+        d, c, c_low, c_high, c_hat, spread, miss = _union_stats(
+            out.s_ids[a:b], s_top_logp[a:b], s_logp_at_t[a:b], t_ids_all[a:b], t_top_logp_all[a:b],
+            t_logp_at_s, known, fill_logp[a:b], cap_logp[a:b])
+        out.D[a:b], out.C[a:b], out.C_low[a:b], out.C_high[a:b] = d, c, c_low, c_high
+        out.C_hat[a:b], out.D_spread[a:b], out.missing[a:b] = c_hat, spread, miss.int()
     if y is not None:
         out.sampled_kl -= teacher_sampled_logp.reshape(n).float()
     if teacher_entropy is not None:

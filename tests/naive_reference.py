@@ -31,7 +31,7 @@ def position_stats(student_row, teacher_row, k, sampled=None, entropy="full"):
     for v in union:
         a, b = pt[v] / zt, ps[v] / zs
         if a > 0:
-            d += a * math.log(a / b)
+            d += a * math.log(a / b) if b > 0 else math.inf
     c = sum(pt[v] for v in s_set)
     c_hat = sum(pt[v] for v in s_set if v in t_set)
     if entropy == "full":
