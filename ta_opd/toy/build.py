@@ -1,0 +1,179 @@
+"""Build (once) and cache the toy teacher–student pair and its datasets.
+
+``python -m ta_opd.toy.build [--cache-dir DIR]`` prints the paths. The cache key hashes the
+spec, so a changed spec builds a new pair; a build goes to a temporary folder that is renamed
+into place only when complete. Layout under ``<cache_dir>/<key>/``:
+
+    teacher/, student/     Hugging Face model folders (config, weights, tokenizer): load by path
+    data/{train,val,test}.parquet   verl's dataset layout (see ta_opd.toy.task.to_rows)
+    manifest.json          spec, accuracies, the student's C distribution, build timings
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ta_opd.toy import task
+from ta_opd.toy.models import (STUDENT_ARCH, TEACHER_ARCH, build_model, greedy_accuracy, sft, sft_examples)
+
+DEFAULT_CACHE = Path(os.environ.get("TA_OPD_CACHE", Path.home() / ".cache" / "ta_opd")) / "toy"
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    version: int = 1
+    min_digits: int = 2
+    max_digits: int = 2
+    n_train: int = 4000
+    n_val: int = 200
+    n_test: int = 300
+    teacher_steps: int = 800
+    teacher_terse_share: float = 0.05  # the teacher also saw some "terse" solutions
+    student_steps: int = 300
+    student_steps_share: float = 0.0  # the student never saw the teacher's separator
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    report_topk: int = 8  # K used for the C-distribution report
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True) + json.dumps([TEACHER_ARCH, STUDENT_ARCH], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ToyPair:
+    root: Path
+    teacher: Path
+    student: Path
+    train_file: Path
+    val_file: Path
+    test_file: Path
+    manifest: dict
+
+
+def _paths(root: Path, manifest: dict) -> ToyPair:
+    return ToyPair(root, root / "teacher", root / "student", root / "data" / "train.parquet",
+                   root / "data" / "val.parquet", root / "data" / "test.parquet", manifest)
+
+
+def load_or_build(cache_dir: str | Path | None = None, spec: ToySpec = ToySpec(), log=print) -> ToyPair:
+    root = Path(cache_dir or DEFAULT_CACHE).expanduser() / spec.key()
+    manifest = root / "manifest.json"
+    if manifest.exists():
+        log(f"toy pair: using cache {root}")
+        return _paths(root, json.loads(manifest.read_text()))
+    log(f"toy pair: building into {root} (once; later runs load the cache)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent))
+    try:
+        info = _build(tmp, spec, log)
+        (tmp / "manifest.json").write_text(json.dumps(info, indent=2))
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process finished first: use its build
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _paths(root, json.loads(manifest.read_text()))
+
+
+def _mixture(rng: random.Random, share_other: float, main: str, other: str, corrupt: random.Random | None):
+    def render(p):
+        fmt = other if rng.random() < share_other else main
+        return task.solution(p, fmt, corrupt=corrupt if fmt == "terse" else None)
+    return render
+
+
+def _build(out: Path, spec: ToySpec, log) -> dict:
+    import pandas as pd
+
+    from ta_opd.toy.tokenizer import build_tokenizer
+
+    t0 = time.time()
+    torch.manual_seed(spec.seed)
+    tok = build_tokenizer()
+    kw = dict(min_digits=spec.min_digits, max_digits=spec.max_digits)
+    train = task.make_split(spec.n_train, spec.seed + 1, **kw)
+    seen = {p.prompt for p in train}
+    val = task.make_split(spec.n_val, spec.seed + 2, exclude=seen, **kw)
+    seen |= {p.prompt for p in val}
+    test = task.make_split(spec.n_test, spec.seed + 3, exclude=seen, **kw)
+    (out / "data").mkdir(parents=True)
+    for name, probs in (("train", train), ("val", val), ("test", test)):
+        pd.DataFrame(task.to_rows(probs, name)).to_parquet(out / "data" / f"{name}.parquet")
+
+    log(f"toy pair: SFT teacher ({spec.teacher_steps} steps)")
+    t1 = time.time()
+    teacher = build_model(tok, TEACHER_ARCH, spec.seed)
+    ex = sft_examples(tok, train, _mixture(random.Random(spec.seed), spec.teacher_terse_share, "steps", "terse", None))
+    sft(teacher, ex, steps=spec.teacher_steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
+        pad_id=tok.pad_token_id, log=log)
+    t2 = time.time()
+    log(f"toy pair: SFT student ({spec.student_steps} steps, noisy 'terse' format)")
+    student = build_model(tok, STUDENT_ARCH, spec.seed + 1)
+    ex = sft_examples(tok, train, _mixture(random.Random(spec.seed + 1), spec.student_steps_share, "terse", "steps",
+                                           random.Random(spec.seed + 2)))
+    sft(student, ex, steps=spec.student_steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed + 1,
+        pad_id=tok.pad_token_id, log=log)
+    t3 = time.time()
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(out / name)
+        tok.save_pretrained(out / name)
+    acc_t = greedy_accuracy(teacher, tok, test)
+    acc_s = greedy_accuracy(student, tok, test)
+    c_report = compatibility_report(student, teacher, tok, train[:64], spec.report_topk, spec.seed)
+    log(f"toy pair: held-out greedy accuracy teacher {acc_t:.3f}, student {acc_s:.3f}; "
+        f"C < 0.5 at {c_report['frac_C_below_0.5']:.3f} of student-rollout positions (K={spec.report_topk})")
+    return {"spec": asdict(spec), "key": spec.key(), "vocab_size": len(tok),
+            "teacher_params": sum(p.numel() for p in teacher.parameters()),
+            "student_params": sum(p.numel() for p in student.parameters()),
+            "teacher_accuracy": acc_t, "student_accuracy": acc_s, "compatibility": c_report,
+            "seconds": {"data": t1 - t0, "teacher_sft": t2 - t1, "student_sft": t3 - t2, "total": time.time() - t0}}
+
+
+@torch.no_grad()
+def compatibility_report(student, teacher, tok, problems, k: int, seed: int) -> dict:
+    """Distribution of C (Eq. 10) on student rollouts, scored exactly (dense path)."""
+    from ta_opd.stats import dense_position_stats
+    from ta_opd.toy.generate import generate, position_ids
+    from ta_opd.toy.tokenizer import encode_prompt
+
+    prompts = [encode_prompt(tok, [{"role": "user", "content": p.prompt}]) for p in problems]
+    ro = generate(student, prompts, max_new_tokens=40, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                  temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    pos = position_ids(ro.attention_mask)
+    P = ro.prompt_len
+    s = student(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits[:, P - 1:-1]
+    t = teacher(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits[:, P - 1:-1]
+    st = dense_position_stats(s, t, topk=k)
+    c = st.C[ro.response_mask]
+    qs = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
+    return {"positions": int(c.numel()), "frac_C_below_0.5": float((c < 0.5).float().mean()),
+            "frac_C_below_0.1": float((c < 0.1).float().mean()),
+            "C_quantiles": dict(zip(["p05", "p25", "p50", "p75", "p95"], torch.quantile(c, qs).tolist()))}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="build or locate the cached toy teacher-student pair")
+    p.add_argument("--cache-dir", default=None)
+    a = p.parse_args(argv)
+    pair = load_or_build(a.cache_dir)
+    print(json.dumps({k: str(v) for k, v in asdict(pair).items() if k != "manifest"}, indent=2))
+    print(json.dumps(pair.manifest, indent=2))
+
+
+if __name__ == "__main__":
+    main()

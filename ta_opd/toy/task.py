@@ -1,0 +1,103 @@
+"""Procedural addition with written steps, in two formats, and its answer checker.
+
+A problem is a + b (each ``min_digits``..``max_digits`` digits). The response writes the
+column additions from the right, then the answer:
+
+* format "steps" (the teacher's):   ``7+5+0=12 4+8+1=13 A:132``
+* format "terse" (the student's pre-training variant): ``7+5+0=12;4+8+1=13;R=132``
+
+Both carry the same digits; they differ in the separator and the answer marker, so a teacher
+that prefers "steps" sometimes asks for tokens the "terse" student gives almost no mass (its
+corrections fall outside the student's top-K) and sometimes only re-ranks digits the student
+already considers (inside it). The checker accepts either answer marker.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+FORMATS = ("steps", "terse")
+DATA_SOURCE = "ta_opd_toy_addition"
+_ANSWER = re.compile(r"(?:A:|R=)(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    b: int
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.a}+{self.b}"
+
+    @property
+    def answer(self) -> int:
+        return self.a + self.b
+
+
+def sample_problem(rng: random.Random, min_digits: int = 2, max_digits: int = 3) -> Problem:
+    def number() -> int:
+        n = rng.randint(min_digits, max_digits)
+        return rng.randint(10 ** (n - 1), 10**n - 1)
+
+    return Problem(number(), number())
+
+
+def solution(p: Problem, fmt: str = "steps", corrupt: random.Random | None = None) -> str:
+    """The written solution in ``fmt``. With ``corrupt``, one step's sum digit may be wrong
+    (the noisy pre-training data of the student)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} is unknown; choose one of {FORMATS}")
+    da, db = str(p.a)[::-1], str(p.b)[::-1]
+    carry, steps = 0, []
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={s}")
+        carry = s // 10
+    if corrupt is not None and corrupt.random() < 0.5:
+        i = corrupt.randrange(len(steps))
+        head, _, s = steps[i].rpartition("=")
+        steps[i] = f"{head}={(int(s) + corrupt.choice([1, 9])) % 19}"
+    if fmt == "steps":
+        return " ".join(steps) + f" A:{p.answer}"
+    return ";".join(steps) + f";R={p.answer}"
+
+
+def extract_answer(text: str) -> int | None:
+    m = _ANSWER.search(text.strip())
+    return int(m.group(1)) if m else None
+
+
+def is_correct(text: str, ground_truth: int | str) -> bool:
+    got = extract_answer(text)
+    return got is not None and got == int(ground_truth)
+
+
+def make_split(n: int, seed: int, *, exclude: set[str] | frozenset = frozenset(), **kw) -> list[Problem]:
+    """n distinct problems from a fixed seed, none of whose prompts is in ``exclude``."""
+    rng = random.Random(seed)
+    seen, out = set(exclude), []
+    while len(out) < n:
+        p = sample_problem(rng, **kw)
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            out.append(p)
+    return out
+
+
+def to_rows(problems: list[Problem], split: str) -> list[dict]:
+    """verl's dataset layout: chat-message prompt, data_source, rule-based ground truth."""
+    return [
+        {
+            "data_source": DATA_SOURCE,
+            "prompt": [{"role": "user", "content": p.prompt}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": str(p.answer)},
+            "extra_info": {"split": split, "index": i, "a": p.a, "b": p.b},
+        }
+        for i, p in enumerate(problems)
+    ]
