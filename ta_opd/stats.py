@@ -71,6 +71,23 @@ class PositionStats:
                 out[f.name] = v.reshape(-1)
         return PositionStats(**out)
 
+    def scatter(self, valid: torch.Tensor) -> "PositionStats":
+        """Statistics of the N valid positions (this object, leading shape (N,)) placed into the
+        (B, T) grid of ``valid`` (row-major order of its True entries); zeros elsewhere."""
+        n = int(valid.sum())
+        if self.D.shape != (n,):
+            raise TAInputError(f"scatter needs (N,) statistics with N = valid.sum() = {n}, got {tuple(self.D.shape)}")
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                out[f.name] = None
+                continue
+            grid = torch.zeros((*valid.shape, *v.shape[1:]), dtype=v.dtype, device=v.device)
+            grid[valid] = v
+            out[f.name] = grid
+        return PositionStats(**out)
+
     def index(self, sel: torch.Tensor) -> "PositionStats":
         """Positions selected by a bool mask or an index tensor over the leading dims."""
         return PositionStats(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[sel])

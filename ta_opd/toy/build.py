@@ -32,7 +32,7 @@ DEFAULT_CACHE = Path(os.environ.get("TA_OPD_CACHE", Path.home() / ".cache" / "ta
 
 @dataclass(frozen=True)
 class ToySpec:
-    version: int = 1
+    version: int = 2
     min_digits: int = 2
     max_digits: int = 2
     n_train: int = 4000
@@ -45,7 +45,7 @@ class ToySpec:
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
-    report_topk: int = 8  # K used for the C-distribution report
+    report_topk: int = 16  # K used for the C-distribution report
 
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True) + json.dumps([TEACHER_ARCH, STUDENT_ARCH], sort_keys=True)

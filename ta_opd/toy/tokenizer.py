@@ -1,8 +1,9 @@
 """A character-level ``transformers`` fast tokenizer built in code (no download).
 
-Every printable ASCII character is a token (V ≈ 100 with the specials), so K = 8 is well below V
-and most tokens are never used by the task: as in real vocabularies, a student's top-K at a
-confident position holds a few plausible tokens and several near-zero ones.
+Every printable ASCII character is a token, plus 300 filler entries that text never maps to
+(V = 399), so the paper's K = 16 is 4 % of V and, as in real vocabularies, most tokens are never
+plausible: a student's top-K at a confident position holds a few plausible tokens and several
+near-zero ones.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import string
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 PAD, EOS, USER, ASSISTANT = "<|pad|>", "<|eos|>", "<|user|>", "<|assistant|>"
+N_FILLERS = 300
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}" + USER + "{{ m['content'] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
@@ -22,7 +24,8 @@ def build_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted(set(string.printable) - set("\t\n\r\x0b\x0c"))
-    vocab = {tok: i for i, tok in enumerate([PAD, EOS, USER, ASSISTANT, *chars])}
+    fillers = [f"<|unused_{i}|>" for i in range(N_FILLERS)]
+    vocab = {tok: i for i, tok in enumerate([PAD, EOS, USER, ASSISTANT, *chars, *fillers])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
     core.pre_tokenizer = pre_tokenizers.Split(pattern=Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()

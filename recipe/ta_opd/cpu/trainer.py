@@ -1,0 +1,215 @@
+"""The CPU backend's driver: the TA-OPD step of the verl recipe, end to end on CPU.
+
+Per step: G samples per prompt from the student (temperature from the rollout config, KV
+cache) -> the student's old log-prob pass (full logits) -> teacher top-K' outputs (plus its
+log-probs at the student's top-K when compatibility is exact) -> statistics -> normalization
+and selection over the WHOLE batch -> one PG-OPD optimizer step on the kept positions ->
+periodic greedy evaluation. Checkpoints are atomic and resumable.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recipe.ta_opd.cpu import checkpoint, report
+from recipe.ta_opd.cpu.data import PromptStream, load_rows
+from recipe.ta_opd.cpu.step import score_batch, update
+from ta_opd.config import TAConfig
+from ta_opd.toy.generate import generate
+from ta_opd.toy.task import is_correct
+from ta_opd.toy.tokenizer import encode_prompt
+
+
+@dataclass(frozen=True)
+class CPURunConfig:
+    student_path: str
+    teacher_path: str
+    train_file: str
+    val_file: str
+    test_file: str | None
+    out_dir: str
+    prompts_per_step: int
+    n_samples: int  # G rollouts per prompt
+    max_response_length: int
+    temperature: float
+    total_steps: int
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float
+    test_freq: int  # evaluate every this many steps (<= 0: only before and after)
+    save_freq: int  # checkpoint every this many steps (<= 0: only at the end)
+    resume_mode: str  # auto | disable
+    seed: int
+    eval_size: int  # held-out problems per evaluation
+    project: str
+    experiment: str
+    loggers: tuple[str, ...]
+    ta: TAConfig = field(default_factory=TAConfig)
+
+
+def _load(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+class CPUTrainer:
+    def __init__(self, cfg: CPURunConfig, tracker=None, log=print):
+        self.cfg, self.log = cfg, log
+        self.student, self.tok = _load(cfg.student_path)
+        self.teacher, t_tok = _load(cfg.teacher_path)
+        check_vocab(self.tok, t_tok, self.student, self.teacher)
+        cfg.ta.check_vocab(len(self.tok))
+        self.train_rows = load_rows(cfg.train_file)
+        self.val_rows = load_rows(cfg.val_file)[: cfg.eval_size]
+        self.test_rows = load_rows(cfg.test_file)[: cfg.eval_size] if cfg.test_file else self.val_rows
+        self.stream = PromptStream(self.train_rows, cfg.prompts_per_step, cfg.seed)
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     betas=cfg.betas)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.step = 0  # completed optimizer steps
+        self.history: list[dict] = []
+        self.before: dict = {}
+        self.tracker = tracker
+        self.ckpt_dir = Path(cfg.out_dir) / "checkpoints"
+
+    # --- state -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "model": self.student.state_dict(), "optimizer": self.opt.state_dict(),
+                "sampler_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+                "stream": self.stream.state_dict(), "history": self.history, "before": self.before}
+
+    def load_state(self, s: dict) -> None:
+        self.step = int(s["step"])
+        self.student.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["optimizer"])
+        self.gen.set_state(s["sampler_rng"])
+        torch.set_rng_state(s["torch_rng"])
+        random.setstate(s["python_rng"])
+        np.random.set_state(s["numpy_rng"])
+        self.stream.load_state_dict(s["stream"])
+        self.history, self.before = list(s["history"]), dict(s["before"])
+
+    def maybe_resume(self) -> None:
+        if self.cfg.resume_mode == "disable":
+            return
+        path = checkpoint.latest(self.ckpt_dir)
+        if path is not None:
+            self.load_state(checkpoint.load(path))
+            self.log(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> Path:
+        return checkpoint.save(self.ckpt_dir, self.step, self.state(), self.student, self.tok)
+
+    # --- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def accuracy(self, model, rows: list[dict]) -> float:
+        prompts = [encode_prompt(self.tok, r["prompt"]) for r in rows]
+        correct = 0
+        for i in range(0, len(prompts), 256):
+            ro = generate(model, prompts[i:i + 256], max_new_tokens=self.cfg.max_response_length,
+                          eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id, temperature=0.0)
+            texts = self.tok.batch_decode(ro.responses, skip_special_tokens=True)
+            correct += sum(is_correct(t, r["reward_model"]["ground_truth"]) for t, r in zip(texts, rows[i:i + 256]))
+        return correct / len(rows)
+
+    # --- the loop --------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        rows = self.stream.next_batch()
+        prompts = [encode_prompt(self.tok, r["prompt"]) for r in rows for _ in range(cfg.n_samples)]
+        ro = generate(self.student, prompts, max_new_tokens=cfg.max_response_length, eos_id=self.tok.eos_token_id,
+                      pad_id=self.tok.pad_token_id, temperature=cfg.temperature, generator=self.gen)
+        t1 = time.perf_counter()
+        scored = score_batch(self.student, self.teacher, ro, cfg.ta, step=self.step)
+        t2 = time.perf_counter()
+        m = update(self.student, self.opt, ro, scored, cfg.ta, cfg.grad_clip)
+        t3 = time.perf_counter()
+        valid = ro.response_mask
+        texts = self.tok.batch_decode(ro.responses, skip_special_tokens=True)
+        answers = [r["reward_model"]["ground_truth"] for r in rows for _ in range(cfg.n_samples)]
+        m.update(scored.selection.metrics)
+        m.update({
+            "step": self.step + 1,
+            "ta_opd/kl/sampled_mean": float((scored.old_logp - scored.teacher_logp)[valid].mean()),
+            "rollout/accuracy": sum(is_correct(t, a) for t, a in zip(texts, answers)) / len(texts),
+            "rollout/response_length": float(valid.sum(-1).float().mean()),
+            "timing_s/rollout": t1 - t0, "timing_s/teacher_and_scoring": t2 - t1, "timing_s/update": t3 - t2,
+        })
+        return m
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        start = time.perf_counter()
+        self.maybe_resume()
+        if not self.before:
+            self.before = {"student_accuracy_before": self.accuracy(self.student, self.test_rows),
+                           "teacher_accuracy": self.accuracy(self.teacher, self.test_rows)}
+            first = {"step": 0, "val/student_accuracy": self.accuracy(self.student, self.val_rows)}
+            self.history.append(first)
+            self._log(first, 0)
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="ta-opd", dynamic_ncols=True)
+        while self.step < cfg.total_steps:
+            m = self.train_step()
+            self.step += 1
+            if (cfg.test_freq > 0 and self.step % cfg.test_freq == 0) or self.step == cfg.total_steps:
+                m["val/student_accuracy"] = self.accuracy(self.student, self.val_rows)
+            self.history.append(m)
+            self._log(m, self.step)
+            bar.update(1)
+            bar.set_postfix(kept=f"{m['ta_opd/kept_ratio']:.3f}", kl=f"{m['ta_opd/kl/sampled_mean']:.3f}")
+            if (cfg.save_freq > 0 and self.step % cfg.save_freq == 0) or self.step == cfg.total_steps:
+                self.save()
+        bar.close()
+        return self.finish(time.perf_counter() - start)
+
+    def _log(self, m: dict, step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log(data={k: v for k, v in m.items() if k != "step"}, step=step)
+
+    def finish(self, wall: float) -> dict:
+        cfg = self.cfg
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        train = [h for h in self.history if "ta_opd/kept_ratio" in h]
+        summary = {
+            "backend": "cpu", "selector": cfg.ta.selector, "budget": cfg.ta.budget, "topk": cfg.ta.topk,
+            "teacher_topk": cfg.ta.teacher_topk, "steps": self.step,
+            "kept_ratio": float(np.mean([h["ta_opd/kept_ratio"] for h in train])) if train else None,
+            **self.before,
+            "student_accuracy_after": self.accuracy(self.student, self.test_rows),
+            "eval_problems": len(self.test_rows),
+            "wall_seconds": wall, "seed": cfg.seed, "output_dir": str(out),
+        }
+        report.write_csv(out / "metrics.csv", self.history)
+        report.plot(out / "curves.png", self.history,
+                    f"TA-OPD ({cfg.ta.selector}, rho={cfg.ta.budget}, K={cfg.ta.topk}) on the CPU toy")
+        report.write_summary(out / "summary.json", summary)
+        return summary
+
+
+def check_vocab(s_tok, t_tok, student, teacher) -> None:
+    """Teacher and student must share the tokenizer vocabulary (logit rows beyond it are padding)."""
+    if s_tok.get_vocab() != t_tok.get_vocab():
+        sv, tv = s_tok.get_vocab(), t_tok.get_vocab()
+        diff = sorted(set(sv.items()) ^ set(tv.items()), key=lambda kv: kv[1])[:3]
+        raise ValueError(f"teacher and student tokenizers differ (first differences: {diff})")
+    for name, m in (("student", student), ("teacher", teacher)):
+        if m.config.vocab_size < len(s_tok):
+            raise ValueError(f"{name} has {m.config.vocab_size} logits, fewer than the tokenizer's {len(s_tok)} tokens")
