@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ta-opd-installed
 
-.PHONY: venv test demo bench clean-venv
+.PHONY: venv test demo sweep bench clean-venv
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ test: venv
 	$(PY) -m pytest
 
 demo: venv
-	$(PY) -m ta_opd.demo
+	$(PY) -m recipe.ta_opd.main
+
+sweep: venv
+	$(PY) launch/toy_sweep.py
 
 bench: venv
 	$(PY) benchmarks/bench_scoring.py

@@ -125,6 +125,18 @@ def _check_k(k: int, vocab: int, name: str = "topk") -> None:
         raise TAInputError(f"{name}={k!r} is not allowed for a vocabulary of {vocab}; K must be an integer in [1, V)")
 
 
+def _check_id_logp_pair(prefix: str, ids, logp, lead: torch.Size, vocab: int, width: str) -> None:
+    """``<prefix>_ids`` (integer) and ``<prefix>_logp`` (float): both (..., width), leading
+    shape ``lead``, ids inside the vocabulary."""
+    check_tensor(f"{prefix}_ids", ids, floating=False)
+    check_tensor(f"{prefix}_logp", logp, floating=True)
+    if ids.shape != logp.shape or ids.shape[:-1] != lead:
+        raise TAInputError(
+            f"{prefix}_ids {tuple(ids.shape)} and {prefix}_logp {tuple(logp.shape)} must both be "
+            f"(..., {width}) with leading shape {tuple(lead)}")
+    check_ids(f"{prefix}_ids", ids, vocab)
+
+
 def _check_chunk(chunk_size: int) -> None:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise TAInputError(f"chunk_size={chunk_size!r} is not allowed; it must be an integer >= 1")
@@ -273,31 +285,17 @@ def sparse_position_stats(
         raise TAInputError(f"student_logits must be (..., V) with V >= 2, got shape {tuple(student_logits.shape)}")
     vocab = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
-    check_tensor("teacher_topk_ids", teacher_topk_ids, floating=False)
-    check_tensor("teacher_topk_logp", teacher_topk_logp, floating=True)
-    if teacher_topk_ids.shape != teacher_topk_logp.shape or teacher_topk_ids.shape[:-1] != lead:
-        raise TAInputError(
-            f"teacher_topk_ids {tuple(teacher_topk_ids.shape)} and teacher_topk_logp "
-            f"{tuple(teacher_topk_logp.shape)} must both be (..., K') with leading shape {tuple(lead)}"
-        )
+    _check_id_logp_pair("teacher_topk", teacher_topk_ids, teacher_topk_logp, lead, vocab, "K'")
     k_prime = teacher_topk_ids.shape[-1]
     _check_k(topk, vocab)
     if k_prime < topk or k_prime > vocab:
         raise TAInputError(f"teacher top-K' width {k_prime} is not allowed; need topk ({topk}) <= K' <= V ({vocab})")
     _check_chunk(chunk_size)
     _check_entropy_mode(entropy, topk)
-    check_ids("teacher_topk_ids", teacher_topk_ids, vocab)
     if (teacher_extra_ids is None) != (teacher_extra_logp is None):
         raise TAInputError("teacher_extra_ids and teacher_extra_logp must be given together")
     if teacher_extra_ids is not None:
-        check_tensor("teacher_extra_ids", teacher_extra_ids, floating=False)
-        check_tensor("teacher_extra_logp", teacher_extra_logp, floating=True)
-        if teacher_extra_ids.shape != teacher_extra_logp.shape or teacher_extra_ids.shape[:-1] != lead:
-            raise TAInputError(
-                f"teacher_extra_ids {tuple(teacher_extra_ids.shape)} and teacher_extra_logp "
-                f"{tuple(teacher_extra_logp.shape)} must both be (..., M) with leading shape {tuple(lead)}"
-            )
-        check_ids("teacher_extra_ids", teacher_extra_ids, vocab)
+        _check_id_logp_pair("teacher_extra", teacher_extra_ids, teacher_extra_logp, lead, vocab, "M")
     if (sampled_ids is None) != (teacher_sampled_logp is None):
         raise TAInputError("sampled_ids and teacher_sampled_logp must be given together")
     for name, t in (("sampled_ids", sampled_ids), ("teacher_sampled_logp", teacher_sampled_logp),

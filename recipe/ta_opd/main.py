@@ -63,7 +63,8 @@ def run_cpu(cfg: DictConfig, ta: TAConfig) -> dict:
     if student is None and teacher is None:
         from ta_opd.toy.build import ToySpec, load_or_build
 
-        spec = ToySpec(**OmegaConf.to_container(cfg.ta_opd.toy.get("spec", {}) or {}, resolve=True))
+        spec_node = cfg.ta_opd.toy.get("spec")
+        spec = ToySpec(**(OmegaConf.to_container(spec_node, resolve=True) if spec_node is not None else {}))
         pair = load_or_build(cfg.ta_opd.toy.cache_dir, spec)
         student, teacher = str(pair.student), str(pair.teacher)
         train = train or str(pair.train_file)
@@ -121,7 +122,7 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (TAConfigError, TAInputError, FileNotFoundError, ValueError) as e:
+    except (TAConfigError, TAInputError, FileNotFoundError) as e:
         print(f"[ta-opd] error: {e}", file=sys.stderr)
         sys.exit(2)
 

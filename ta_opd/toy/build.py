@@ -32,16 +32,17 @@ DEFAULT_CACHE = Path(os.environ.get("TA_OPD_CACHE", Path.home() / ".cache" / "ta
 
 @dataclass(frozen=True)
 class ToySpec:
-    version: int = 2
+    version: int = 4
     min_digits: int = 2
     max_digits: int = 2
     n_train: int = 4000
     n_val: int = 200
     n_test: int = 300
     teacher_steps: int = 800
-    teacher_terse_share: float = 0.05  # the teacher also saw some "terse" solutions
+    teacher_semicolon_share: float = 0.5  # the teacher writes ";" or " " between steps
+    teacher_r_share: float = 0.2  # and "R=" in 20 % of answers, "A:" otherwise (it can continue "R=")
     student_steps: int = 300
-    student_steps_share: float = 0.0  # the student never saw the teacher's separator
+    student_space_share: float = 0.1  # the student mostly writes ";", always "R=" (never "A")
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
@@ -90,10 +91,11 @@ def load_or_build(cache_dir: str | Path | None = None, spec: ToySpec = ToySpec()
     return _paths(root, json.loads(manifest.read_text()))
 
 
-def _mixture(rng: random.Random, share_other: float, main: str, other: str, corrupt: random.Random | None):
+def _render(rng: random.Random, semicolon_share: float, r_share: float, corrupt: random.Random | None):
     def render(p):
-        fmt = other if rng.random() < share_other else main
-        return task.solution(p, fmt, corrupt=corrupt if fmt == "terse" else None)
+        sep = ";" if rng.random() < semicolon_share else " "
+        marker = "R=" if rng.random() < r_share else "A:"
+        return task.solution(p, sep, marker, corrupt=corrupt)
     return render
 
 
@@ -118,14 +120,14 @@ def _build(out: Path, spec: ToySpec, log) -> dict:
     log(f"toy pair: SFT teacher ({spec.teacher_steps} steps)")
     t1 = time.time()
     teacher = build_model(tok, TEACHER_ARCH, spec.seed)
-    ex = sft_examples(tok, train, _mixture(random.Random(spec.seed), spec.teacher_terse_share, "steps", "terse", None))
+    ex = sft_examples(tok, train, _render(random.Random(spec.seed), spec.teacher_semicolon_share, spec.teacher_r_share, None))
     sft(teacher, ex, steps=spec.teacher_steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
         pad_id=tok.pad_token_id, log=log)
     t2 = time.time()
-    log(f"toy pair: SFT student ({spec.student_steps} steps, noisy 'terse' format)")
+    log(f"toy pair: SFT student ({spec.student_steps} steps, noisy steps, ';' and 'R=' format)")
     student = build_model(tok, STUDENT_ARCH, spec.seed + 1)
-    ex = sft_examples(tok, train, _mixture(random.Random(spec.seed + 1), spec.student_steps_share, "terse", "steps",
-                                           random.Random(spec.seed + 2)))
+    ex = sft_examples(tok, train, _render(random.Random(spec.seed + 1), 1 - spec.student_space_share, 1.0,
+                                          random.Random(spec.seed + 2)))
     sft(student, ex, steps=spec.student_steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed + 1,
         pad_id=tok.pad_token_id, log=log)
     t3 = time.time()

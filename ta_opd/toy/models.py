@@ -12,11 +12,11 @@ from ta_opd.toy.generate import generate, left_pad, position_ids
 from ta_opd.toy.task import Problem, is_correct
 from ta_opd.toy.tokenizer import encode_prompt
 
-# teacher larger than student (~0.8M vs ~0.1M parameters)
+# teacher larger than student (~0.35M vs ~0.12M parameters)
 TEACHER_ARCH = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=24)
-STUDENT_ARCH = dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=12)
+STUDENT_ARCH = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16)
 MAX_LEN = 64  # prompt + response tokens; the longest toy sequence is ~45
 
 

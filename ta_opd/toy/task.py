@@ -1,15 +1,16 @@
-"""Procedural addition with written steps, in two formats, and its answer checker.
+"""Procedural addition with written steps and its answer checker.
 
 A problem is a + b (each ``min_digits``..``max_digits`` digits). The response writes the
-column additions from the right, then the answer:
+column additions from the right, separated by ``sep``, then the answer after ``marker``:
 
-* format "steps" (the teacher's):   ``7+5+0=12 4+8+1=13 A:132``
-* format "terse" (the student's pre-training variant): ``7+5+0=12;4+8+1=13;R=132``
+    sep=" ", marker="A:"   ->  ``7+5+0=12 4+8+1=13 A:132``   (the teacher's answers)
+    sep=";", marker="R="   ->  ``7+5+0=12;4+8+1=13;R=132``   (most of the student's)
 
-Both carry the same digits; they differ in the separator and the answer marker, so a teacher
-that prefers "steps" sometimes asks for tokens the "terse" student gives almost no mass (its
-corrections fall outside the student's top-K) and sometimes only re-ranks digits the student
-already considers (inside it). The checker accepts either answer marker.
+The toy pair is trained so that the teacher writes either separator and mostly "A:" (it also
+saw "R=", so it continues the student's answers correctly), while the student mostly writes ";"
+and always "R=" (it never saw "A"). Corrections on digits and separators then fall inside the
+student's top-K (learnable), while the teacher's preferred "A" after the last step is a token the
+student gives almost no mass (incompatible). The checker accepts both markers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import random
 import re
 from dataclasses import dataclass
 
-FORMATS = ("steps", "terse")
 DATA_SOURCE = "ta_opd_toy_addition"
 _ANSWER = re.compile(r"(?:A:|R=)(\d+)\s*$")
 
@@ -45,11 +45,11 @@ def sample_problem(rng: random.Random, min_digits: int = 2, max_digits: int = 3)
     return Problem(number(), number())
 
 
-def solution(p: Problem, fmt: str = "steps", corrupt: random.Random | None = None) -> str:
-    """The written solution in ``fmt``. With ``corrupt``, one step's sum digit may be wrong
-    (the noisy pre-training data of the student)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r} is unknown; choose one of {FORMATS}")
+def solution(p: Problem, sep: str = " ", marker: str = "A:", corrupt: random.Random | None = None) -> str:
+    """The written solution. With ``corrupt``, one step's sum is wrong half of the time (the
+    noisy pre-training data of the student)."""
+    if sep not in (" ", ";") or marker not in ("A:", "R="):
+        raise ValueError(f"sep={sep!r} / marker={marker!r}: allowed separators ' ', ';' and markers 'A:', 'R='")
     da, db = str(p.a)[::-1], str(p.b)[::-1]
     carry, steps = 0, []
     for i in range(max(len(da), len(db))):
@@ -62,9 +62,7 @@ def solution(p: Problem, fmt: str = "steps", corrupt: random.Random | None = Non
         i = corrupt.randrange(len(steps))
         head, _, s = steps[i].rpartition("=")
         steps[i] = f"{head}={(int(s) + corrupt.choice([1, 9])) % 19}"
-    if fmt == "steps":
-        return " ".join(steps) + f" A:{p.answer}"
-    return ";".join(steps) + f";R={p.answer}"
+    return sep.join(steps) + sep + f"{marker}{p.answer}"
 
 
 def extract_answer(text: str) -> int | None:

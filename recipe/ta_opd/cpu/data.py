@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ta_opd.errors import TAConfigError, TAInputError
+
 REQUIRED_COLUMNS = ("prompt", "data_source", "reward_model")
 
 
@@ -18,9 +20,9 @@ def load_rows(path: str | Path) -> list[dict]:
     df = pd.read_parquet(p)
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"dataset {str(path)!r} lacks column(s) {missing}; verl's layout needs {list(REQUIRED_COLUMNS)}")
+        raise TAInputError(f"dataset {str(path)!r} lacks column(s) {missing}; verl's layout needs {list(REQUIRED_COLUMNS)}")
     if len(df) == 0:
-        raise ValueError(f"dataset {str(path)!r} is empty")
+        raise TAInputError(f"dataset {str(path)!r} is empty")
     rows = df.to_dict("records")
     for r in rows:  # parquet gives numpy arrays of dicts; the chat template wants lists
         r["prompt"] = [dict(m) for m in r["prompt"]]
@@ -33,7 +35,7 @@ class PromptStream:
 
     def __init__(self, rows: list[dict], batch_size: int, seed: int):
         if batch_size < 1 or batch_size > len(rows):
-            raise ValueError(f"prompts per step {batch_size} must be in [1, {len(rows)}] (the dataset size)")
+            raise TAConfigError(f"data.train_batch_size (prompts per step) = {batch_size} is not allowed; it must be in [1, {len(rows)}] (the dataset size)")
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.epoch, self.pos = 0, 0
 

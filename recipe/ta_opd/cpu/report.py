@@ -28,14 +28,14 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     if acc:
         a1.plot(*zip(*acc), marker="o")
     a1.set_xlabel("step")
-    a1.set_ylabel("held-out greedy accuracy")
+    a1.set_ylabel("validation greedy accuracy")
     a1.set_ylim(0, 1)
     a1.grid(alpha=0.3)
     kl = [(r["step"], r["ta_opd/kl/sampled_mean"]) for r in rows if "ta_opd/kl/sampled_mean" in r]
     if kl:
         a2.plot(*zip(*kl))
     a2.set_xlabel("step")
-    a2.set_ylabel("teacher-student KL (sampled-token estimate)")
+    a2.set_ylabel("KL, sampled-token estimate")
     a2.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

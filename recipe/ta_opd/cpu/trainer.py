@@ -21,6 +21,7 @@ from recipe.ta_opd.cpu import checkpoint, report
 from recipe.ta_opd.cpu.data import PromptStream, load_rows
 from recipe.ta_opd.cpu.step import score_batch, update
 from ta_opd.config import TAConfig
+from ta_opd.errors import TAConfigError
 from ta_opd.toy.generate import generate
 from ta_opd.toy.task import is_correct
 from ta_opd.toy.tokenizer import encode_prompt
@@ -209,7 +210,7 @@ def check_vocab(s_tok, t_tok, student, teacher) -> None:
     if s_tok.get_vocab() != t_tok.get_vocab():
         sv, tv = s_tok.get_vocab(), t_tok.get_vocab()
         diff = sorted(set(sv.items()) ^ set(tv.items()), key=lambda kv: kv[1])[:3]
-        raise ValueError(f"teacher and student tokenizers differ (first differences: {diff})")
+        raise TAConfigError(f"teacher and student tokenizers differ (first differences: {diff})")
     for name, m in (("student", student), ("teacher", teacher)):
         if m.config.vocab_size < len(s_tok):
-            raise ValueError(f"{name} has {m.config.vocab_size} logits, fewer than the tokenizer's {len(s_tok)} tokens")
+            raise TAConfigError(f"{name} has {m.config.vocab_size} logits, fewer than the tokenizer's {len(s_tok)} tokens")
