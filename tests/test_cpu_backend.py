@@ -12,20 +12,13 @@ import torch
 
 from ta_opd import TAConfig, available_selectors
 from ta_opd.teacher_outputs import teacher_outputs
-from ta_opd.toy.build import ToySpec, load_or_build
 from ta_opd.toy.generate import generate
 from ta_opd.toy.models import STUDENT_ARCH, build_model
 from ta_opd.toy.tokenizer import build_tokenizer, encode_prompt
 
+from tests.conftest import TINY
+
 ROOT = Path(__file__).resolve().parents[1]
-# a tiny, quickly built pair: the pipeline is exercised, not the quality of the models
-TINY = dict(n_train=200, n_val=16, n_test=16, teacher_steps=30, student_steps=10, batch_size=16)
-
-
-@pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("toy_cache")
-    return cache, load_or_build(cache, ToySpec(**TINY), log=lambda *_: None)
 
 
 def test_toy_pair_layout(tiny_pair):
@@ -85,7 +78,7 @@ def test_teacher_outputs_match_direct():
     assert half.topk_logp.dtype == torch.bfloat16
 
 
-def _run_config(pair, out_dir, **kw):
+def run_config(pair, out_dir, **kw):
     from recipe.ta_opd.cpu.trainer import CPURunConfig
 
     base = dict(student_path=str(pair.student), teacher_path=str(pair.teacher), train_file=str(pair.train_file),
@@ -101,11 +94,11 @@ def test_resume_equals_uninterrupted(tiny_pair, tmp_path):
     from recipe.ta_opd.cpu.trainer import CPUTrainer
 
     _, pair = tiny_pair
-    full = CPUTrainer(_run_config(pair, tmp_path / "a"), log=lambda *_: None)
+    full = CPUTrainer(run_config(pair, tmp_path / "a"), log=lambda *_: None)
     full.fit()
-    first = CPUTrainer(_run_config(pair, tmp_path / "b", total_steps=2), log=lambda *_: None)
+    first = CPUTrainer(run_config(pair, tmp_path / "b", total_steps=2), log=lambda *_: None)
     first.fit()
-    resumed = CPUTrainer(_run_config(pair, tmp_path / "b", total_steps=4), log=lambda *_: None)
+    resumed = CPUTrainer(run_config(pair, tmp_path / "b", total_steps=4), log=lambda *_: None)
     resumed.fit()
     assert resumed.step == full.step == 4
     for (k, a), (_, b) in zip(full.student.state_dict().items(), resumed.student.state_dict().items()):
@@ -124,7 +117,7 @@ def test_checkpoint_is_atomic_and_loadable(tiny_pair, tmp_path):
     from recipe.ta_opd.cpu.trainer import CPUTrainer
 
     _, pair = tiny_pair
-    CPUTrainer(_run_config(pair, tmp_path, total_steps=2), log=lambda *_: None).fit()
+    CPUTrainer(run_config(pair, tmp_path, total_steps=2), log=lambda *_: None).fit()
     ck = tmp_path / "checkpoints"
     assert checkpoint.latest(ck).name == "global_step_2"
     assert not [p for p in ck.iterdir() if p.name.startswith(".tmp")]
@@ -138,7 +131,7 @@ def test_every_selector_runs_one_step(tiny_pair, tmp_path, selector):
     from recipe.ta_opd.cpu.trainer import CPUTrainer
 
     _, pair = tiny_pair
-    cfg = _run_config(pair, tmp_path, total_steps=1, save_freq=0, eval_size=4,
+    cfg = run_config(pair, tmp_path, total_steps=1, save_freq=0, eval_size=4,
                       ta=TAConfig(selector=selector, budget=0.3))
     import warnings
     with warnings.catch_warnings():
@@ -153,7 +146,7 @@ def test_distribution_losses_run(tiny_pair, tmp_path, loss):
     from recipe.ta_opd.cpu.trainer import CPUTrainer
 
     _, pair = tiny_pair
-    cfg = _run_config(pair, tmp_path, total_steps=1, save_freq=0, eval_size=4, ta=TAConfig(loss=loss))
+    cfg = run_config(pair, tmp_path, total_steps=1, save_freq=0, eval_size=4, ta=TAConfig(loss=loss))
     assert CPUTrainer(cfg, log=lambda *_: None).fit()["steps"] == 1
 
 

@@ -93,7 +93,8 @@ def run_cpu(cfg: DictConfig, ta: TAConfig) -> dict:
         grad_clip=float(actor.grad_clip), test_freq=int(cfg.trainer.test_freq), save_freq=int(cfg.trainer.save_freq),
         resume_mode=str(cfg.trainer.resume_mode), seed=int(ta.seed), eval_size=int(cfg.ta_opd.cpu.eval_size),
         project=str(cfg.trainer.project_name), experiment=str(cfg.trainer.experiment_name),
-        loggers=tuple(cfg.trainer.logger), ta=ta)
+        loggers=tuple(cfg.trainer.logger), ta=ta,
+        rollout_dir=str(cfg.trainer.rollout_data_dir) if cfg.trainer.get("rollout_data_dir") else None)
     if rc.total_steps < 1:
         raise TAConfigError(f"trainer.total_training_steps={rc.total_steps} is not allowed; it must be >= 1")
     if rc.resume_mode not in ("auto", "disable"):

@@ -34,6 +34,14 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                    response_len: int) -> torch.Tensor:
+    """(B, R, V) logits scoring each response token of [left-padded prompt (P) | response (R)] rows:
+    the logits at position P - 1 + t score response token t."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    return out.logits[:, prompt_len - 1: prompt_len - 1 + response_len]
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, generator: torch.Generator | None = None) -> Rollout:

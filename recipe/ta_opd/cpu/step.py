@@ -15,14 +15,13 @@ from ta_opd.losses import LossInputs, compute_loss
 from ta_opd.select import Selection, select_positions
 from ta_opd.stats import PositionStats, sparse_position_stats
 from ta_opd.teacher_outputs import TeacherOutputs, teacher_outputs
-from ta_opd.toy.generate import Rollout, position_ids
+from ta_opd.toy.generate import Rollout
+from ta_opd.toy.generate import response_logits as lm_response_logits
 
 
 def response_logits(model, ro: Rollout) -> torch.Tensor:
     """(B, R, V) logits that score each response token (see module docstring)."""
-    out = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=position_ids(ro.attention_mask))
-    R = ro.responses.shape[1]
-    return out.logits[:, ro.prompt_len - 1: ro.prompt_len - 1 + R]
+    return lm_response_logits(model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.responses.shape[1])
 
 
 def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

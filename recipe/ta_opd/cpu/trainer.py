@@ -53,6 +53,7 @@ class CPURunConfig:
     experiment: str
     loggers: tuple[str, ...]
     ta: TAConfig = field(default_factory=TAConfig)
+    rollout_dir: str | None = None  # write each step's rollouts here (context-bank schema)
 
 
 def _load(path: str):
@@ -143,6 +144,8 @@ class CPUTrainer:
         valid = ro.response_mask
         texts = self.tok.batch_decode(ro.responses, skip_special_tokens=True)
         answers = [r["reward_model"]["ground_truth"] for r in rows for _ in range(cfg.n_samples)]
+        if cfg.rollout_dir:
+            self.write_rollouts(rows, prompts, ro, texts, scored.old_logp)
         m.update(scored.selection.metrics)
         m.update({
             "step": self.step + 1,
@@ -152,6 +155,24 @@ class CPUTrainer:
             "timing_s/rollout": t1 - t0, "timing_s/teacher_and_scoring": t2 - t1, "timing_s/update": t3 - t2,
         })
         return m
+
+    def write_rollouts(self, rows, prompts, ro, texts, old_logp) -> None:
+        """This step's rollouts as a context bank (ta_opd/diagnose/bank.py schema), one parquet per step."""
+        import pandas as pd
+
+        out = Path(self.cfg.rollout_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        recs = []
+        for j, p in enumerate(prompts):
+            r = rows[j // self.cfg.n_samples]
+            n = int(ro.response_mask[j].sum())
+            recs.append({"prompt_id": str(r["extra_info"]["index"]) if isinstance(r.get("extra_info"), dict) else p,
+                         "prompt_ids": p, "prompt_len": len(p), "response_ids": ro.responses[j, :n].tolist(),
+                         "response": texts[j], "label": str(r["reward_model"]["ground_truth"]),
+                         "sampled_logp": old_logp[j, :n].tolist(), "step": self.step + 1})
+        tmp = out / f".step_{self.step + 1:06d}.parquet.tmp"
+        pd.DataFrame(recs).to_parquet(tmp)
+        tmp.replace(out / f"step_{self.step + 1:06d}.parquet")
 
     def fit(self) -> dict:
         from tqdm import tqdm

@@ -1,0 +1,75 @@
+"""The context bank: frozen student-generated contexts (paper Appendix C), stored as parquet.
+
+Schema, one row per response:
+    prompt_id      str        the prompt (clustering unit of the bootstrap)
+    prompt_ids     list[int]  chat-templated prompt tokens
+    prompt_len     int        len(prompt_ids)
+    response_ids   list[int]  sampled response tokens (EOS included when emitted), capped
+    response       str        decoded response
+    label          str        ground truth (may be empty)
+    sampled_logp   list[float] the sampling student's log-prob of each response token
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COLUMNS = ("prompt_id", "prompt_ids", "prompt_len", "response_ids", "response", "label", "sampled_logp")
+
+
+def validate(df, source: str = "bank") -> None:
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{source} lacks column(s) {missing}; a context bank needs {list(COLUMNS)}")
+    if len(df) == 0:
+        raise ValueError(f"{source} is empty: no responses to score")
+
+
+def load(path: str | Path):
+    """A bank file, or a folder of them (e.g. a training run's ``trainer.rollout_data_dir``:
+    one parquet per step, read in step order)."""
+    import pandas as pd
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"context bank {str(path)!r} does not exist")
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    if not files:
+        raise ValueError(f"context bank folder {str(path)!r} holds no .parquet files")
+    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    validate(df, str(path))
+    return df
+
+
+@torch.no_grad()
+def sample_bank(model, tokenizer, rows: list[dict], *, responses_per_prompt: int = 1, max_response_tokens: int = 192,
+                seed: int = 0, batch_size: int = 64):
+    """Sample responses from ``model`` (temperature 1.0) for verl-layout prompt rows."""
+    import pandas as pd
+
+    from ta_opd.toy.generate import generate
+    from ta_opd.toy.tokenizer import encode_prompt
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    items = [(i, r) for i, r in enumerate(rows) for _ in range(responses_per_prompt)]
+    for a in range(0, len(items), batch_size):
+        chunk = items[a:a + batch_size]
+        prompts = [encode_prompt(tokenizer, r["prompt"]) for _, r in chunk]
+        ro = generate(model, prompts, max_new_tokens=max_response_tokens, eos_id=tokenizer.eos_token_id,
+                      pad_id=tokenizer.pad_token_id, temperature=1.0, generator=gen)
+        from ta_opd.toy.generate import response_logits
+
+        logits = response_logits(model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.responses.shape[1]).float()
+        logp = logits.gather(-1, ro.responses.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        for j, ((i, r), p) in enumerate(zip(chunk, prompts)):
+            n = int(ro.response_mask[j].sum())
+            ids = ro.responses[j, :n].tolist()
+            label = str(r.get("reward_model", {}).get("ground_truth", "")) if isinstance(r.get("reward_model"), dict) else ""
+            out.append({"prompt_id": str(r.get("extra_info", {}).get("index", i)) if isinstance(r.get("extra_info"), dict) else str(i),
+                        "prompt_ids": p, "prompt_len": len(p), "response_ids": ids,
+                        "response": tokenizer.decode(ids, skip_special_tokens=True), "label": label,
+                        "sampled_logp": logp[j, :n].tolist()})
+    return pd.DataFrame(out)
