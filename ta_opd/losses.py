@@ -20,6 +20,7 @@ import torch
 
 from ta_opd._checks import check_mask, check_tensor
 from ta_opd.errors import TAConfigError, TAInputError
+from ta_opd.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -42,28 +43,23 @@ class LossOutput:
 
 
 LossFn = Callable[..., LossOutput]
-_LOSSES: dict[str, LossFn] = {}
+_LOSSES: Registry[LossFn] = Registry("loss")
 
 
 def register_loss(name: str) -> Callable[[LossFn], LossFn]:
     def deco(fn: LossFn) -> LossFn:
-        if name in _LOSSES:
-            raise TAConfigError(f"loss {name!r} is already registered; loss names must be unique")
-        _LOSSES[name] = fn
+        _LOSSES.add(name, fn)
         return fn
 
     return deco
 
 
 def available_losses() -> tuple[str, ...]:
-    return tuple(_LOSSES)
+    return _LOSSES.names()
 
 
 def get_loss(name: str) -> LossFn:
-    try:
-        return _LOSSES[name]
-    except (KeyError, TypeError):
-        raise TAConfigError(f"loss={name!r} is unknown; valid losses: {', '.join(_LOSSES)}") from None
+    return _LOSSES.get(name)
 
 
 def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ta_opd.errors import TAConfigError
+from ta_opd.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Selector:
     description: str = ""
 
 
-_REGISTRY: dict[str, Selector] = {}
+_REGISTRY: Registry[Selector] = Registry("selector")
 
 
 def register_selector(name: str, *, description: str = "", with_q3: bool = True) -> Callable[[ScoreFn], ScoreFn]:
@@ -56,20 +56,15 @@ def register_selector(name: str, *, description: str = "", with_q3: bool = True)
 
 
 def _add(sel: Selector) -> None:
-    if sel.name in _REGISTRY:
-        raise TAConfigError(f"selector {sel.name!r} is already registered; selector names must be unique")
-    _REGISTRY[sel.name] = sel
+    _REGISTRY.add(sel.name, sel)
 
 
 def available_selectors() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_selector(name: str) -> Selector:
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise TAConfigError(f"selector={name!r} is unknown; valid selectors: {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.get(name)
 
 
 def probabilistic_or(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,12 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def plane(df: pd.DataFrame, k: int, path: Path) -> None:
     """Entropy–divergence plane coloured by D^L and D^I (Fig. 2)."""
     plt = _plt()
@@ -29,9 +35,7 @@ def plane(df: pd.DataFrame, k: int, path: Path) -> None:
         ax.set_title(f"{title} (K={k})")
         fig.colorbar(sc, ax=ax)
     axes[0].set_ylabel("normalized disagreement D̃")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def coefficients(reg: pd.DataFrame, path: Path) -> None:
@@ -46,9 +50,7 @@ def coefficients(reg: pd.DataFrame, path: Path) -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel("standardized coefficient on gain")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def q3_bars(q3: pd.DataFrame, path: Path) -> None:
@@ -60,9 +62,7 @@ def q3_bars(q3: pd.DataFrame, path: Path) -> None:
     ax.set_xticks(range(len(q3)), labels, fontsize=7)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel("gain gap (high - low tertile)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def bucket_lines(b: pd.DataFrame, path: Path) -> None:
@@ -74,9 +74,7 @@ def bucket_lines(b: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("bucket (quantiles of the feature)")
     ax.set_ylabel("mean gain")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def markdown(reg: pd.DataFrame, q3: pd.DataFrame, sel: pd.DataFrame, n_pos: int, n_prompts: int) -> str:
