@@ -43,13 +43,24 @@ def load(path: str | Path):
     return df
 
 
+def prompt_key(row: dict, fallback: int) -> str:
+    """The prompt id of a verl-layout row: extra_info.index when present, else ``fallback``."""
+    info = row.get("extra_info")
+    return str(info["index"]) if isinstance(info, dict) and "index" in info else str(fallback)
+
+
+def ground_truth(row: dict) -> str:
+    rm = row.get("reward_model")
+    return str(rm.get("ground_truth", "")) if isinstance(rm, dict) else ""
+
+
 @torch.no_grad()
 def sample_bank(model, tokenizer, rows: list[dict], *, responses_per_prompt: int = 1, max_response_tokens: int = 192,
                 seed: int = 0, batch_size: int = 64):
     """Sample responses from ``model`` (temperature 1.0) for verl-layout prompt rows."""
     import pandas as pd
 
-    from ta_opd.toy.generate import generate
+    from ta_opd.toy.generate import generate, response_logits
     from ta_opd.toy.tokenizer import encode_prompt
 
     gen = torch.Generator().manual_seed(seed)
@@ -60,16 +71,12 @@ def sample_bank(model, tokenizer, rows: list[dict], *, responses_per_prompt: int
         prompts = [encode_prompt(tokenizer, r["prompt"]) for _, r in chunk]
         ro = generate(model, prompts, max_new_tokens=max_response_tokens, eos_id=tokenizer.eos_token_id,
                       pad_id=tokenizer.pad_token_id, temperature=1.0, generator=gen)
-        from ta_opd.toy.generate import response_logits
-
         logits = response_logits(model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.responses.shape[1]).float()
         logp = logits.gather(-1, ro.responses.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
         for j, ((i, r), p) in enumerate(zip(chunk, prompts)):
             n = int(ro.response_mask[j].sum())
             ids = ro.responses[j, :n].tolist()
-            label = str(r.get("reward_model", {}).get("ground_truth", "")) if isinstance(r.get("reward_model"), dict) else ""
-            out.append({"prompt_id": str(r.get("extra_info", {}).get("index", i)) if isinstance(r.get("extra_info"), dict) else str(i),
-                        "prompt_ids": p, "prompt_len": len(p), "response_ids": ids,
-                        "response": tokenizer.decode(ids, skip_special_tokens=True), "label": label,
+            out.append({"prompt_id": prompt_key(r, i), "prompt_ids": p, "prompt_len": len(p), "response_ids": ids,
+                        "response": tokenizer.decode(ids, skip_special_tokens=True), "label": ground_truth(r),
                         "sampled_logp": logp[j, :n].tolist()})
     return pd.DataFrame(out)

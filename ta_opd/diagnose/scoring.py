@@ -78,6 +78,8 @@ def score_bank(bank, theta0, theta_tau, teacher, *, ks=(8, 16, 32), max_response
     """Per-position table of a context bank (a DataFrame with ta_opd.diagnose.bank's schema)."""
     import pandas as pd
 
+    from ta_opd.toy.generate import response_logits
+
     vocab = {name: m.config.vocab_size for name, m in (("θ0", theta0), ("θτ", theta_tau), ("teacher", teacher))}
     if len(set(vocab.values())) != 1:
         raise ValueError(f"models have different vocabularies (logit widths {vocab}); the diagnostic needs one")
@@ -93,8 +95,6 @@ def score_bank(bank, theta0, theta_tau, teacher, *, ks=(8, 16, 32), max_response
         chunk = rows[a:a + batch_size]
         ids, mask, P, R, valid = _batch_rows(chunk, pad_id, max_tokens)
         ids, mask = ids.to(device), mask.to(device)
-        from ta_opd.toy.generate import response_logits
-
         logits = [response_logits(m, ids, mask, P, R)[valid.to(device)].float().cpu() for m in (theta0, theta_tau, teacher)]
         cols = score_positions(*logits, ks=ks, chunk_size=chunk_size)
         b_idx, t_idx = valid.nonzero(as_tuple=True)

@@ -21,6 +21,7 @@ from recipe.ta_opd.cpu import checkpoint, report
 from recipe.ta_opd.cpu.data import PromptStream, load_rows
 from recipe.ta_opd.cpu.step import score_batch, update
 from ta_opd.config import TAConfig
+from ta_opd.diagnose import bank
 from ta_opd.errors import TAConfigError
 from ta_opd.toy.generate import generate
 from ta_opd.toy.task import is_correct
@@ -166,10 +167,10 @@ class CPUTrainer:
         for j, p in enumerate(prompts):
             r = rows[j // self.cfg.n_samples]
             n = int(ro.response_mask[j].sum())
-            recs.append({"prompt_id": str(r["extra_info"]["index"]) if isinstance(r.get("extra_info"), dict) else p,
-                         "prompt_ids": p, "prompt_len": len(p), "response_ids": ro.responses[j, :n].tolist(),
-                         "response": texts[j], "label": str(r["reward_model"]["ground_truth"]),
-                         "sampled_logp": old_logp[j, :n].tolist(), "step": self.step + 1})
+            recs.append({"prompt_id": bank.prompt_key(r, j // self.cfg.n_samples), "prompt_ids": p,
+                         "prompt_len": len(p), "response_ids": ro.responses[j, :n].tolist(), "response": texts[j],
+                         "label": bank.ground_truth(r), "sampled_logp": old_logp[j, :n].tolist(),
+                         "step": self.step + 1})
         tmp = out / f".step_{self.step + 1:06d}.parquet.tmp"
         pd.DataFrame(recs).to_parquet(tmp)
         tmp.replace(out / f"step_{self.step + 1:06d}.parquet")
