@@ -188,3 +188,26 @@ def test_bad_overrides_exit_nonzero(tiny_pair, tmp_path, override, pattern):
     res = _main([override, *extra, "trainer.total_training_steps=1"], cache, tmp_path)
     assert res.returncode != 0
     assert pattern in res.stderr, res.stderr[-2000:]
+
+
+def test_padded_logit_rows_are_sliced_and_tokenizer_mismatch_rejected(tiny_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from recipe.ta_opd.cpu.trainer import CPUTrainer, check_vocab
+    from ta_opd.errors import TAConfigError
+
+    _, pair = tiny_pair
+    padded = AutoModelForCausalLM.from_pretrained(pair.teacher)
+    padded.resize_token_embeddings(416)  # padding rows beyond the 399-token tokenizer
+    padded.save_pretrained(tmp_path / "teacher_padded")
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path / "teacher_padded")
+    cfg = run_config(pair, tmp_path / "out", teacher_path=str(tmp_path / "teacher_padded"), total_steps=1,
+                     save_freq=0, eval_size=4)
+    trainer = CPUTrainer(cfg, log=lambda *_: None)
+    assert trainer.teacher.config.vocab_size == 416
+    assert trainer.fit()["steps"] == 1  # statistics ran on the 399 real rows
+    other = build_tokenizer()
+    other.add_tokens(["<|extra|>"])
+    with pytest.raises(TAConfigError, match="tokenizers differ"):
+        check_vocab(tok, other, trainer.student, trainer.teacher)

@@ -19,9 +19,11 @@ from ta_opd.toy.generate import Rollout
 from ta_opd.toy.generate import response_logits as lm_response_logits
 
 
-def response_logits(model, ro: Rollout) -> torch.Tensor:
-    """(B, R, V) logits that score each response token (see module docstring)."""
-    return lm_response_logits(model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.responses.shape[1])
+def response_logits(model, ro: Rollout, vocab_size: int | None = None) -> torch.Tensor:
+    """(B, R, V) logits that score each response token (see module docstring), sliced to the
+    tokenizer's vocabulary when the model has padding rows (e.g. 152,064 logits for 151,936 tokens)."""
+    logits = lm_response_logits(model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.responses.shape[1])
+    return logits if vocab_size is None else logits[..., :vocab_size]
 
 
 def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -40,12 +42,12 @@ class ScoredBatch:
 
 
 @torch.no_grad()
-def score_batch(student, teacher, ro: Rollout, cfg: TAConfig, step: int) -> ScoredBatch:
+def score_batch(student, teacher, ro: Rollout, cfg: TAConfig, step: int, vocab_size: int | None = None) -> ScoredBatch:
     """Old log-prob pass (the student's full logits), teacher outputs, statistics, selection."""
     valid = ro.response_mask
-    s_logits = response_logits(student, ro)  # (B, R, V): the one student forward of the step
+    s_logits = response_logits(student, ro, vocab_size)  # (B, R, V): the one student forward of the step
     old_logp = token_logp(s_logits, ro.responses)
-    t_logits = response_logits(teacher, ro)
+    t_logits = response_logits(teacher, ro, vocab_size)
     s_valid = s_logits[valid]  # (N, V)
     y = ro.responses[valid]
     # With compatibility "exact" the teacher also returns its log-probs at the student's top-K.
@@ -62,10 +64,11 @@ def score_batch(student, teacher, ro: Rollout, cfg: TAConfig, step: int) -> Scor
     return ScoredBatch(old_logp, tout, teacher_logp, stats, sel)
 
 
-def update(student, optimizer, ro: Rollout, scored: ScoredBatch, cfg: TAConfig, grad_clip: float) -> dict:
+def update(student, optimizer, ro: Rollout, scored: ScoredBatch, cfg: TAConfig, grad_clip: float,
+           vocab_size: int | None = None) -> dict:
     """One optimizer step of the registered loss on the kept positions (Eq. 7)."""
     student.train()
-    logits = response_logits(student, ro)
+    logits = response_logits(student, ro, vocab_size)
     mask = scored.selection.mask & ro.response_mask
     if cfg.loss == "pg_opd":
         inp = LossInputs(mask=mask, log_prob=token_logp(logits, ro.responses), old_log_prob=scored.old_logp,

@@ -138,9 +138,9 @@ class CPUTrainer:
         ro = generate(self.student, prompts, max_new_tokens=cfg.max_response_length, eos_id=self.tok.eos_token_id,
                       pad_id=self.tok.pad_token_id, temperature=cfg.temperature, generator=self.gen)
         t1 = time.perf_counter()
-        scored = score_batch(self.student, self.teacher, ro, cfg.ta, step=self.step)
+        scored = score_batch(self.student, self.teacher, ro, cfg.ta, step=self.step, vocab_size=len(self.tok))
         t2 = time.perf_counter()
-        m = update(self.student, self.opt, ro, scored, cfg.ta, cfg.grad_clip)
+        m = update(self.student, self.opt, ro, scored, cfg.ta, cfg.grad_clip, vocab_size=len(self.tok))
         t3 = time.perf_counter()
         valid = ro.response_mask
         texts = self.tok.batch_decode(ro.responses, skip_special_tokens=True)
@@ -228,7 +228,8 @@ class CPUTrainer:
 
 
 def check_vocab(s_tok, t_tok, student, teacher) -> None:
-    """Teacher and student must share the tokenizer vocabulary (logit rows beyond it are padding)."""
+    """Teacher and student must share the tokenizer vocabulary; logit rows beyond it are padding
+    and are sliced off (score_batch/update get vocab_size = len(tokenizer))."""
     if s_tok.get_vocab() != t_tok.get_vocab():
         sv, tv = s_tok.get_vocab(), t_tok.get_vocab()
         diff = sorted(set(sv.items()) ^ set(tv.items()), key=lambda kv: kv[1])[:3]
