@@ -81,8 +81,6 @@ def run_cpu(cfg: DictConfig, ta: TAConfig) -> dict:
     train, val = (_existing(f if isinstance(f, str) else f[0], k) for f, k in
                   ((train, "data.train_files"), (val, "data.val_files")))
     actor = cfg.actor_rollout_ref.actor
-    if (actor.clip_ratio_low, actor.clip_ratio_high) != (ta.clip_low, ta.clip_high):
-        print(f"[ta-opd] note: PG-OPD clipping uses ta_opd.clip_low/high = {ta.clip_low}/{ta.clip_high}")
     rc = CPURunConfig(
         student_path=student, teacher_path=teacher, train_file=train, val_file=val, test_file=test,
         out_dir=str(cfg.trainer.default_local_dir), prompts_per_step=int(cfg.data.train_batch_size),
