@@ -22,7 +22,7 @@ from recipe.ta_opd.cpu.data import PromptStream, load_rows
 from recipe.ta_opd.cpu.step import score_batch, update
 from ta_opd.config import TAConfig
 from ta_opd.diagnose import bank
-from ta_opd.errors import TAConfigError
+from ta_opd.vocab import shared_vocab_size
 from ta_opd.toy.generate import generate
 from ta_opd.toy.task import is_correct
 from ta_opd.toy.tokenizer import encode_prompt
@@ -70,8 +70,8 @@ class CPUTrainer:
         self.cfg, self.log = cfg, log
         self.student, self.tok = _load(cfg.student_path)
         self.teacher, t_tok = _load(cfg.teacher_path)
-        check_vocab(self.tok, t_tok, self.student, self.teacher)
-        cfg.ta.check_vocab(len(self.tok))
+        self.vocab_size = check_vocab(self.tok, t_tok, self.student, self.teacher)
+        cfg.ta.check_vocab(self.vocab_size)
         self.train_rows = load_rows(cfg.train_file)
         self.val_rows = load_rows(cfg.val_file)[: cfg.eval_size]
         self.test_rows = load_rows(cfg.test_file)[: cfg.eval_size] if cfg.test_file else self.val_rows
@@ -138,9 +138,9 @@ class CPUTrainer:
         ro = generate(self.student, prompts, max_new_tokens=cfg.max_response_length, eos_id=self.tok.eos_token_id,
                       pad_id=self.tok.pad_token_id, temperature=cfg.temperature, generator=self.gen)
         t1 = time.perf_counter()
-        scored = score_batch(self.student, self.teacher, ro, cfg.ta, step=self.step, vocab_size=len(self.tok))
+        scored = score_batch(self.student, self.teacher, ro, cfg.ta, step=self.step, vocab_size=self.vocab_size)
         t2 = time.perf_counter()
-        m = update(self.student, self.opt, ro, scored, cfg.ta, cfg.grad_clip, vocab_size=len(self.tok))
+        m = update(self.student, self.opt, ro, scored, cfg.ta, cfg.grad_clip, vocab_size=self.vocab_size)
         t3 = time.perf_counter()
         valid = ro.response_mask
         texts = self.tok.batch_decode(ro.responses, skip_special_tokens=True)
@@ -227,13 +227,8 @@ class CPUTrainer:
         return summary
 
 
-def check_vocab(s_tok, t_tok, student, teacher) -> None:
+def check_vocab(s_tok, t_tok, student, teacher) -> int:
     """Teacher and student must share the tokenizer vocabulary; logit rows beyond it are padding
-    and are sliced off (score_batch/update get vocab_size = len(tokenizer))."""
-    if s_tok.get_vocab() != t_tok.get_vocab():
-        sv, tv = s_tok.get_vocab(), t_tok.get_vocab()
-        diff = sorted(set(sv.items()) ^ set(tv.items()), key=lambda kv: kv[1])[:3]
-        raise TAConfigError(f"teacher and student tokenizers differ (first differences: {diff})")
-    for name, m in (("student", student), ("teacher", teacher)):
-        if m.config.vocab_size < len(s_tok):
-            raise TAConfigError(f"{name} has {m.config.vocab_size} logits, fewer than the tokenizer's {len(s_tok)} tokens")
+    and are sliced off (score_batch/update get vocab_size = len(tokenizer)). Returns V."""
+    return shared_vocab_size(s_tok.get_vocab(), t_tok.get_vocab(), student_logits=student.config.vocab_size,
+                             teacher_logits=teacher.config.vocab_size)
