@@ -37,3 +37,11 @@ def test_support_proxies_hand_case():
     assert cols["gain"][0] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="same vocabulary"):
         score_positions(ps, ps, torch.randn(1, 7))
+
+
+def test_relative_gain_is_nan_where_undefined():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    other = torch.tensor([[0.0, 2.0, -1.0]])
+    cols = score_positions(logits, other, logits, ks=(1,))  # θ0 = teacher: KL0 = 0, KLτ > 0
+    assert cols["kl0"][0] == pytest.approx(0.0, abs=1e-7) and cols["gain"][0] < 0
+    assert np.isnan(cols["gain_rel"][0])

@@ -76,6 +76,11 @@ def main(argv=None) -> int:
     df = score_bank(bk, theta0, tau, teacher, ks=tuple(a.ks), max_responses=a.max_responses,
                     max_tokens=a.max_tokens, pad_id=tok.pad_token_id or 0, device=a.device)
     if a.relative_gain:
+        undefined = int(df["gain_rel"].isna().sum())
+        if undefined:
+            print(f"[ta-opd diagnose] --relative-gain: dropping {undefined} position(s) with KL(p_T||p_θ0) = 0, "
+                  "where the relative gain is undefined")
+            df = df[df["gain_rel"].notna()].reset_index(drop=True)
         df["gain"] = df["gain_rel"]
     df.to_parquet(out / "positions.parquet")
     reg = analysis.regressions(df, a.ks, n_boot=a.n_boot, seed=a.seed, winsor=a.winsorize)

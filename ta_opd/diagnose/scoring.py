@@ -43,7 +43,8 @@ def score_positions(theta0: torch.Tensor, theta_tau: torch.Tensor, teacher: torc
     kl0, bc = forward_kl(teacher, theta0, chunk_size=chunk_size)
     klt, _ = forward_kl(teacher, theta_tau, chunk_size=chunk_size)
     out = {"kl0": kl0.numpy(), "kl_tau": klt.numpy(), "gain": (kl0 - klt).numpy(),
-           "gain_rel": ((kl0 - klt) / kl0.clamp_min(1e-12)).numpy(),  # clamp: KL0 = 0 gives gain 0, not NaN
+           # relative gain (the authors' variant) is undefined where KL0 = 0: NaN there, never a floor
+           "gain_rel": torch.where(kl0 > 0, (kl0 - klt) / kl0, torch.full_like(kl0, float("nan"))).numpy(),
            "bhattacharyya": bc.numpy()}
     for k in ks:
         st = dense_position_stats(theta0, teacher, topk=k, chunk_size=chunk_size)

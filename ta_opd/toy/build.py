@@ -134,8 +134,9 @@ def _build(out: Path, spec: ToySpec, log) -> dict:
     for name, model in (("teacher", teacher), ("student", student)):
         model.save_pretrained(out / name)
         tok.save_pretrained(out / name)
-    acc_t = greedy_accuracy(teacher, tok, test)
-    acc_s = greedy_accuracy(student, tok, test)
+    msgs, answers = [[{"role": "user", "content": p.prompt}] for p in test], [p.answer for p in test]
+    acc_t = greedy_accuracy(teacher, tok, msgs, answers)
+    acc_s = greedy_accuracy(student, tok, msgs, answers)
     c_report = compatibility_report(student, teacher, tok, train[:64], spec.report_topk, spec.seed)
     log(f"toy pair: held-out greedy accuracy teacher {acc_t:.3f}, student {acc_s:.3f}; "
         f"C < 0.5 at {c_report['frac_C_below_0.5']:.3f} of student-rollout positions (K={spec.report_topk})")

@@ -82,14 +82,14 @@ def sft(model, examples: list[SFTExample], *, steps: int, batch_size: int, lr: f
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, problems: list[Problem], *, batch_size: int = 256,
+def greedy_accuracy(model, tokenizer, prompts: list[list[dict]], answers: list, *, batch_size: int = 256,
                     max_new_tokens: int = 40) -> float:
+    """Share of chat prompts whose greedy response has the right final answer."""
     correct = 0
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        prompts = [encode_prompt(tokenizer, [{"role": "user", "content": p.prompt}]) for p in chunk]
-        ro = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+    for i in range(0, len(prompts), batch_size):
+        ids = [encode_prompt(tokenizer, m) for m in prompts[i:i + batch_size]]
+        ro = generate(model, ids, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
                       pad_id=tokenizer.pad_token_id, temperature=0.0)
         texts = tokenizer.batch_decode(ro.responses, skip_special_tokens=True)
-        correct += sum(is_correct(t, p.answer) for t, p in zip(texts, chunk))
-    return correct / len(problems)
+        correct += sum(is_correct(t, a) for t, a in zip(texts, answers[i:i + batch_size]))
+    return correct / len(prompts)

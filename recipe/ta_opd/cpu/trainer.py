@@ -24,6 +24,7 @@ from ta_opd.config import TAConfig
 from ta_opd.diagnose import bank
 from ta_opd.vocab import shared_vocab_size
 from ta_opd.toy.generate import generate
+from ta_opd.toy.models import greedy_accuracy
 from ta_opd.toy.task import is_correct
 from ta_opd.toy.tokenizer import encode_prompt
 
@@ -118,16 +119,10 @@ class CPUTrainer:
         return checkpoint.save(self.ckpt_dir, self.step, self.state(), self.student, self.tok)
 
     # --- evaluation ------------------------------------------------------------------------
-    @torch.no_grad()
     def accuracy(self, model, rows: list[dict]) -> float:
-        prompts = [encode_prompt(self.tok, r["prompt"]) for r in rows]
-        correct = 0
-        for i in range(0, len(prompts), 256):
-            ro = generate(model, prompts[i:i + 256], max_new_tokens=self.cfg.max_response_length,
-                          eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id, temperature=0.0)
-            texts = self.tok.batch_decode(ro.responses, skip_special_tokens=True)
-            correct += sum(is_correct(t, r["reward_model"]["ground_truth"]) for t, r in zip(texts, rows[i:i + 256]))
-        return correct / len(rows)
+        return greedy_accuracy(model, self.tok, [r["prompt"] for r in rows],
+                               [r["reward_model"]["ground_truth"] for r in rows],
+                               max_new_tokens=self.cfg.max_response_length)
 
     # --- the loop --------------------------------------------------------------------------
     def train_step(self) -> dict:
