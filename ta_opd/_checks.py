@@ -19,11 +19,6 @@ def check_tensor(name: str, x: object, *, ndim: int | None = None, floating: boo
     return x
 
 
-def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    if a.shape != b.shape:
-        raise TAInputError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}; they must match")
-
-
 def check_mask(name: str, mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     check_tensor(name, mask)
     if mask.shape != shape:

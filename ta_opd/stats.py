@@ -58,19 +58,6 @@ class PositionStats:
             return self.C_hat
         raise TAInputError(f"compatibility mode {mode!r} is unknown; choose 'exact' or 'lower_bound'")
 
-    def flatten(self) -> "PositionStats":
-        """The same statistics with leading dims flattened to (N,)."""
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is None:
-                out[f.name] = None
-            elif f.name.endswith("topk_ids"):
-                out[f.name] = v.reshape(-1, v.shape[-1])
-            else:
-                out[f.name] = v.reshape(-1)
-        return PositionStats(**out)
-
     def scatter(self, valid: torch.Tensor) -> "PositionStats":
         """Statistics of the N valid positions (this object, leading shape (N,)) placed into the
         (B, T) grid of ``valid`` (row-major order of its True entries); zeros elsewhere."""
@@ -87,11 +74,6 @@ class PositionStats:
             grid[valid] = v
             out[f.name] = grid
         return PositionStats(**out)
-
-    def index(self, sel: torch.Tensor) -> "PositionStats":
-        """Positions selected by a bool mask or an index tensor over the leading dims."""
-        return PositionStats(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[sel])
-                                for f in fields(self)})
 
 
 class _Buffers:
