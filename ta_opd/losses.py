@@ -99,6 +99,21 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float(torch.where(mask, x, torch.zeros_like(x)).sum() / n) if n else 0.0
 
 
+def pg_opd_token_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage: torch.Tensor, mask: torch.Tensor,
+                      *, clip_low: float = 0.2, clip_high: float = 0.28) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO-clipped policy-gradient loss (plain clipping, no dual clip), all (B, T).
+
+    Returns (per-token loss max(-A r, -A clip(r)), clipped flag, log-ratio). The ratio is taken
+    as 1 at masked positions, so their loss and gradient are exactly zero after aggregation.
+    """
+    log_ratio = log_prob - old_log_prob.detach()
+    ratio = torch.exp(torch.where(mask, log_ratio, torch.zeros_like(log_ratio)))
+    advantage = advantage.detach()
+    unclipped = -advantage * ratio
+    clipped = -advantage * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped, log_ratio
+
+
 @register_loss("pg_opd")
 def pg_opd_loss(inp: LossInputs, *, clip_low: float = 0.2, clip_high: float = 0.28,
                 loss_agg: str = "token-mean", denominator=None) -> LossOutput:
@@ -110,19 +125,26 @@ def pg_opd_loss(inp: LossInputs, *, clip_low: float = 0.2, clip_high: float = 0.
             f"{tuple(teacher.shape)} must all be (B, T)")
     mask = check_mask("mask", inp.mask, log_prob.shape)
     advantage = -(old - teacher).detach()  # (B, T)
-    log_ratio = log_prob - old.detach()
-    ratio = torch.exp(torch.where(mask, log_ratio, torch.zeros_like(log_ratio)))
-    unclipped = -advantage * ratio
-    clipped = -advantage * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
+    per_token, is_clipped, log_ratio = pg_opd_token_loss(log_prob, old, advantage, mask,
+                                                         clip_low=clip_low, clip_high=clip_high)
     loss = aggregate(per_token, mask, loss_agg, denominator)
     metrics = {
         "ta_opd/loss/pg_opd": float(loss.detach()),
-        "ta_opd/loss/clipfrac": _masked_mean((clipped > unclipped).float(), mask),
+        "ta_opd/loss/clipfrac": _masked_mean(is_clipped.float(), mask),
         "ta_opd/loss/sampled_kl": _masked_mean((old - teacher).detach(), mask),
         "ta_opd/loss/ppo_kl": _masked_mean(-log_ratio.detach(), mask),
     }
     return LossOutput(loss, metrics)
+
+
+def topk_kl_per_token(student_topk_logp: torch.Tensor, teacher_topk_logp: torch.Tensor, *,
+                      reverse: bool) -> torch.Tensor:
+    """(..., K) log-probs at the same K ids -> (...) KL on that support, both renormalized on it:
+    forward KL(p̄_T || p̄_S), or reverse KL(p̄_S || p̄_T). Gradient flows through the student side."""
+    s_bar = torch.log_softmax(student_topk_logp.float(), dim=-1)  # renormalize on the support
+    t_bar = torch.log_softmax(teacher_topk_logp.float().detach(), dim=-1)
+    p, a, b = (s_bar.exp(), s_bar, t_bar) if reverse else (t_bar.exp(), t_bar, s_bar)
+    return torch.where(p > 0, p * (a - b), torch.zeros_like(p)).sum(-1)
 
 
 def _topk_kl(inp: LossInputs, reverse: bool, loss_agg: str, denominator) -> LossOutput:
@@ -130,10 +152,7 @@ def _topk_kl(inp: LossInputs, reverse: bool, loss_agg: str, denominator) -> Loss
     if s.shape != t.shape or s.dim() != 3:
         raise TAInputError(f"student_topk_logp {tuple(s.shape)} and teacher_topk_logp {tuple(t.shape)} must both be (B, T, K)")
     mask = check_mask("mask", inp.mask, s.shape[:2])
-    s_bar = torch.log_softmax(s.float(), dim=-1)  # renormalize on the support
-    t_bar = torch.log_softmax(t.float().detach(), dim=-1)
-    p, a, b = (s_bar.exp(), s_bar, t_bar) if reverse else (t_bar.exp(), t_bar, s_bar)
-    per_token = torch.where(p > 0, p * (a - b), torch.zeros_like(p)).sum(-1)  # (B, T)
+    per_token = topk_kl_per_token(s, t, reverse=reverse)  # (B, T)
     loss = aggregate(per_token, mask, loss_agg, denominator)
     name = "topk_reverse_kl" if reverse else "topk_forward_kl"
     return LossOutput(loss, {f"ta_opd/loss/{name}": float(loss.detach())})
@@ -158,4 +177,4 @@ def compute_loss(name: str, inp: LossInputs, *, clip_low: float = 0.2, clip_high
 
 
 __all__ = ["LossInputs", "LossOutput", "register_loss", "available_losses", "get_loss", "aggregate",
-           "compute_loss", "pg_opd_loss", "topk_forward_kl_loss", "topk_reverse_kl_loss"]
+           "compute_loss", "pg_opd_loss", "pg_opd_token_loss", "topk_kl_per_token", "topk_forward_kl_loss", "topk_reverse_kl_loss"]

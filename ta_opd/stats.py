@@ -58,6 +58,30 @@ class PositionStats:
             return self.C_hat
         raise TAInputError(f"compatibility mode {mode!r} is unknown; choose 'exact' or 'lower_bound'")
 
+    # The per-position scalars (leading shape only) a pipeline ships between processes; the
+    # (..., K) id fields stay where the statistics were computed.
+    SCALARS = ("D", "C", "C_low", "C_high", "C_hat", "H", "D_spread", "missing")
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        """The :attr:`SCALARS` fields as fp32 tensors (``missing`` as a float count)."""
+        return {name: getattr(self, name).float() for name in self.SCALARS}
+
+    @classmethod
+    def from_scalars(cls, values: dict[str, torch.Tensor]) -> "PositionStats":
+        """Rebuild from :meth:`scalars` output (e.g. after a trip through verl's batch); the id
+        fields come back with zero width, (..., 0), since selection never reads them."""
+        absent = [n for n in cls.SCALARS if n not in values]
+        if absent:
+            raise TAInputError(f"statistics field(s) missing: {', '.join(absent)}; expected {', '.join(cls.SCALARS)}")
+        lead = values["D"].shape
+        for n in cls.SCALARS:
+            if values[n].shape != lead:
+                raise TAInputError(f"statistics field {n} has shape {tuple(values[n].shape)}, D has {tuple(lead)}")
+        out = {n: values[n].float() for n in cls.SCALARS}
+        out["missing"] = values["missing"].round().to(torch.int32)
+        empty = torch.zeros((*lead, 0), dtype=torch.long, device=values["D"].device)
+        return cls(**out, student_topk_ids=empty, teacher_topk_ids=empty)
+
     def scatter(self, valid: torch.Tensor) -> "PositionStats":
         """Statistics of the N valid positions (this object, leading shape (N,)) placed into the
         (B, T) grid of ``valid`` (row-major order of its True entries); zeros elsewhere."""
@@ -253,8 +277,14 @@ def sparse_position_stats(
     teacher_entropy: torch.Tensor | None = None,
     entropy: str = "full",
     chunk_size: int = 8,
+    rows: torch.Tensor | None = None,
 ) -> PositionStats:
     """Statistics from full student logits and the teacher's shipped top-K' (training pipeline).
+
+    rows: optional (N,) indices into the flattened leading positions of ``student_logits``: only
+    those positions are scored (chunk by chunk, no (N, V) copy) and every other input is given
+    for those N positions, leading shape (N,). This is how a packed (tokens, V) logits tensor that
+    also holds prompt positions is scored in place (the verl logits-processor hook).
 
     student_logits: (..., V). teacher_topk_ids / teacher_topk_logp: (..., K') with K' >= topk,
     the teacher's top-K' ids and their FULL-vocabulary log-probs. teacher_extra_ids/logp:
@@ -267,6 +297,13 @@ def sparse_position_stats(
         raise TAInputError(f"student_logits must be (..., V) with V >= 2, got shape {tuple(student_logits.shape)}")
     vocab = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
+    if rows is not None:
+        check_tensor("rows", rows, ndim=1, floating=False)
+        n_all = student_logits.numel() // vocab
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_all):
+            raise TAInputError(f"rows must index the {n_all} positions of student_logits; got range "
+                               f"[{int(rows.min())}, {int(rows.max())}]")
+        lead = rows.shape
     _check_id_logp_pair("teacher_topk", teacher_topk_ids, teacher_topk_logp, lead, vocab, "K'")
     k_prime = teacher_topk_ids.shape[-1]
     _check_k(topk, vocab)
@@ -290,7 +327,7 @@ def sparse_position_stats(
         check_ids("sampled_ids", sampled_ids, vocab)
 
     x2 = student_logits.reshape(-1, vocab)
-    n = x2.shape[0]
+    n = x2.shape[0] if rows is None else rows.numel()
     if n == 0:
         raise TAInputError("empty batch: student_logits hold no positions")
     tk_ids = teacher_topk_ids.reshape(n, k_prime).long()
@@ -325,7 +362,7 @@ def sparse_position_stats(
     s_logp_at_t = torch.empty_like(s_top_logp)
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
-        x = support.as_fp32(x2[a:b], ws.get(0, b - a))
+        x = support.as_fp32(x2[a:b] if rows is None else x2[rows[a:b]], ws.get(0, b - a))
         log_z, out.H[a:b], s_top_val, out.s_ids[a:b] = _student_chunk(x, topk, entropy, a, ws)
         s_top_logp[a:b] = s_top_val - log_z.unsqueeze(-1)
         s_logp_at_t[a:b] = x.gather(-1, t_ids_all[a:b]) - log_z.unsqueeze(-1)

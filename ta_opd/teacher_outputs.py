@@ -72,3 +72,36 @@ def teacher_outputs(logits: torch.Tensor, sampled_ids: torch.Tensor, *, topk: in
         topk_ids=ids.reshape(*lead, topk), topk_logp=lp.to(logp_dtype).reshape(*lead, topk),
         sampled_logp=sampled.reshape(lead), entropy=ent.reshape(lead),
         extra_logp=None if extra is None else extra.reshape(*lead, -1))
+
+
+def sampled_logp_from_topk(topk_ids: torch.Tensor, topk_logp: torch.Tensor, sampled_ids: torch.Tensor,
+                           vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p_T(y_t) when the teacher shipped only its top-K' (e.g. an inference server's
+    ``prompt_logprobs``). topk_ids/topk_logp: (..., K'); sampled_ids: (...).
+
+    Where y_t is among the K' ids the value is exact. Elsewhere it is the same documented point
+    value the statistics use for a missing teacher probability: the remaining mass spread evenly
+    over the V - K' ids outside the top-K', log(R / (V - K')) (if R rounds to <= 0, R is taken
+    as the K'-th shipped probability). Returns (logp (...) fp32,
+    known (...) bool) so callers can report how often the point value was used.
+    """
+    check_tensor("topk_logp", topk_logp, floating=True)
+    check_tensor("sampled_ids", sampled_ids, floating=False)
+    if topk_ids.shape != topk_logp.shape or topk_ids.shape[:-1] != sampled_ids.shape:
+        raise TAInputError(f"topk_ids {tuple(topk_ids.shape)}, topk_logp {tuple(topk_logp.shape)} and sampled_ids "
+                           f"{tuple(sampled_ids.shape)} must be (..., K'), (..., K') and (...)")
+    k_prime = topk_ids.shape[-1]
+    if not (1 <= k_prime < vocab_size):
+        raise TAInputError(f"K'={k_prime} must be in [1, V) with V={vocab_size}")
+    check_ids("topk_ids", topk_ids, vocab_size)
+    check_ids("sampled_ids", sampled_ids, vocab_size)
+    lp = topk_logp.float()
+    match = topk_ids.long() == sampled_ids.long().unsqueeze(-1)  # (..., K')
+    known = match.any(-1)
+    exact = torch.where(match, lp, torch.zeros_like(lp)).sum(-1)
+    tail = 1.0 - lp.exp().sum(-1)
+    # Shipped mass that rounds to >= 1 (bf16 log-probs) leaves no measurable tail; the point value
+    # then takes the tail as one more K'-th-sized probability (the interval's upper end per id).
+    tail = torch.where(tail > 0, tail, lp.min(-1).values.exp())
+    fill = (tail / (vocab_size - k_prime)).log()
+    return torch.where(known, exact, fill), known

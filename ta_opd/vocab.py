@@ -11,11 +11,19 @@ from ta_opd.errors import TAConfigError
 
 
 def shared_vocab_size(student_vocab: dict[str, int], teacher_vocab: dict[str, int], *,
-                      student_logits: int, teacher_logits: int, show: int = 3) -> int:
-    """The vocabulary size V to slice both models' logits to. Raises TAConfigError on a mismatch."""
+                      student_logits: int, teacher_logits: int, show: int = 3,
+                      allowed_mismatch_ids: frozenset[int] | set[int] = frozenset()) -> int:
+    """The vocabulary size V to slice both models' logits to. Raises TAConfigError on a mismatch.
+
+    allowed_mismatch_ids: ids the user has explicitly accepted as differing in their token string
+    (e.g. renamed special tokens); they must still exist on both sides.
+    """
     s_inv = {i: t for t, i in student_vocab.items()}
     t_inv = {i: t for t, i in teacher_vocab.items()}
-    bad = sorted(i for i in set(s_inv) | set(t_inv) if s_inv.get(i) != t_inv.get(i))
+    missing = sorted(i for i in allowed_mismatch_ids if i not in s_inv or i not in t_inv)
+    if missing:
+        raise TAConfigError(f"vocab_mismatch_ok_ids lists id(s) {missing[:show]} that are not in both tokenizers")
+    bad = sorted(i for i in set(s_inv) | set(t_inv) if s_inv.get(i) != t_inv.get(i) and i not in allowed_mismatch_ids)
     if bad:
         first = ", ".join(f"id {i}: student {s_inv.get(i)!r} vs teacher {t_inv.get(i)!r}" for i in bad[:show])
         raise TAConfigError(f"teacher and student tokenizers differ at {len(bad)} id(s); first: {first}")

@@ -19,7 +19,7 @@ from ta_opd.config import TAConfig
 from ta_opd.errors import TAConfigError, TAInputError
 
 # ta_opd.* keys that belong to the recipe rather than to TAConfig
-RECIPE_KEYS = {"backend", "teacher_model_path", "toy", "cpu"}
+RECIPE_KEYS = {"backend", "teacher_model_path", "toy", "cpu", "teacher", "wandb_histogram", "vocab_mismatch_ok_ids", "dry_run"}
 BACKENDS = ("auto", "cpu", "verl")
 
 
@@ -103,6 +103,29 @@ def run_cpu(cfg: DictConfig, ta: TAConfig) -> dict:
     return summary
 
 
+def run_verl(cfg: DictConfig, ta: TAConfig) -> dict:
+    from recipe.ta_opd.verl_backend.runner import run_verl as launch
+    from recipe.ta_opd.verl_backend.validate import plan
+
+    student, teacher = cfg.actor_rollout_ref.model.path, cfg.ta_opd.teacher_model_path
+    if student is None or teacher is None:
+        raise TAConfigError("the verl backend needs actor_rollout_ref.model.path (student) and "
+                            "ta_opd.teacher_model_path (teacher); the toy pair runs on ta_opd.backend=cpu")
+    for files, key in ((cfg.data.train_files, "data.train_files"), (cfg.data.val_files, "data.val_files")):
+        if files is None:
+            raise TAConfigError(f"{key} is required on the verl backend (verl RL parquet files)")
+    p = plan(cfg, ta, student_path=str(student), teacher_path=str(teacher))
+    pool = "colocated with the trainer" if p.teacher_pool is None else f"pool {p.teacher_pool}"
+    print(f"[ta-opd] verl backend: teacher {p.teacher_backend} ({pool}), loss {p.loss_mode}, "
+          f"shared vocabulary {p.vocab_size}, K={ta.topk}, K'={ta.teacher_topk}, rho={ta.budget}, selector {ta.selector}")
+    summary = {"backend": "verl", "loss_mode": p.loss_mode, "vocab_size": p.vocab_size, "teacher_pool": p.teacher_pool}
+    if cfg.ta_opd.get("dry_run", False):
+        print("[ta-opd] dry run: configuration valid; not starting Ray")
+        return summary
+    launch(cfg, p)
+    return summary
+
+
 def run(cfg: DictConfig) -> dict:
     import json
 
@@ -110,8 +133,7 @@ def run(cfg: DictConfig) -> dict:
     backend, why = choose_backend(str(cfg.ta_opd.backend))
     print(f"[ta-opd] backend: {backend} ({why})")
     if backend == "verl":
-        raise TAConfigError("the verl GPU backend is not part of this version yet (see the README's status); "
-                            "run with ta_opd.backend=cpu")
+        return run_verl(cfg, ta)
     summary = run_cpu(cfg, ta)
     print("[ta-opd] summary: " + json.dumps(summary, indent=2))
     return summary

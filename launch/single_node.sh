@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# TA-OPD on one multi-GPU node (verl backend; Ray is started in-process by the entry point).
+#
+#   bash launch/single_node.sh [extra Hydra overrides]
+#
+# Variables (environment):
+#   EXPERIMENT     configs/experiment/<name>.yaml                      [qwen3_4b_to_qwen3_1p7b]
+#   TRAIN_GPUS     GPUs for rollout + training (trainer pool)          [6]
+#   TEACHER_GPUS   GPUs for the teacher pool                           [2]
+#   PYTHON         interpreter with ta-opd[gpu] installed              [python]
+#   STUDENT_MODEL TEACHER_MODEL TRAIN_FILES VAL_FILES CKPT_DIR WANDB_API_KEY are read by the config.
+# TRAIN_GPUS + TEACHER_GPUS must not exceed the GPUs visible (CUDA_VISIBLE_DEVICES).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+EXPERIMENT="${EXPERIMENT:-qwen3_4b_to_qwen3_1p7b}"
+TRAIN_GPUS="${TRAIN_GPUS:-6}"
+TEACHER_GPUS="${TEACHER_GPUS:-2}"
+PYTHON="${PYTHON:-python}"
+cd "$REPO"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+"$PYTHON" -m recipe.ta_opd.main +experiment="$EXPERIMENT" \
+  trainer.nnodes=1 trainer.n_gpus_per_node="$TRAIN_GPUS" \
+  ta_opd.teacher.nnodes=1 ta_opd.teacher.n_gpus_per_node="$TEACHER_GPUS" \
+  "$@"

@@ -1,0 +1,105 @@
+"""Ray task runner of the verl backend and ``run_verl`` (what ``ta_opd.backend=verl`` calls).
+
+Follows verl's recipe pattern: subclass the task runner, build our trainer, ``init_workers()``,
+``fit()``. Differences from verl's ``TaskRunner.run``: the actor role uses our worker class (TA
+settings baked in), the teacher pool is added for the FSDP teacher, and the trainer is
+:class:`TAOPDRayTrainer`. Ray starts with verl's runtime env plus a worker setup hook that
+registers TA-OPD's losses in every worker process (verl's agent-loop and teacher workers build
+distillation configs too).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+from omegaconf import OmegaConf
+
+from verl.trainer.main_ppo_v0 import BaseTaskRunner
+
+from recipe.ta_opd.verl_backend.validate import VerlPlan
+
+TEACHER_POOL = "ta_opd_teacher_pool"
+SETUP_HOOK = "recipe.ta_opd.verl_backend.losses.register_all"
+REPO_ROOT = str(Path(__file__).resolve().parents[3])
+
+
+class TAOPDTaskRunner(BaseTaskRunner):
+    def add_actor_rollout_worker(self, config):
+        from verl.single_controller.ray import RayWorkerGroup
+
+        from recipe.ta_opd.verl_backend.actor import actor_worker_class
+
+        from verl.trainer.ppo.utils import Role
+
+        super().add_actor_rollout_worker(config)
+        role = Role.ActorRolloutRef if Role.ActorRolloutRef in self.role_worker_mapping else Role.ActorRollout
+        cls = actor_worker_class(self.plan.ta.__dict__, self.plan.vocab_size, self.plan.actor_distillation)
+        self.role_worker_mapping[role] = ray.remote(cls)
+        return cls, RayWorkerGroup
+
+    def init_resource_pool_mgr(self, config):
+        from verl.trainer.ppo.utils import Role
+
+        mgr = super().init_resource_pool_mgr(config)
+        if self.plan.teacher_backend == "fsdp":
+            if self.plan.teacher_pool is None:  # colocated: the teacher ranks share the trainer's GPUs
+                mgr.mapping[Role.TeacherModel] = "global_pool"
+            else:
+                mgr.resource_pool_spec[TEACHER_POOL] = list(self.plan.teacher_pool)
+                mgr.mapping[Role.TeacherModel] = TEACHER_POOL
+        return mgr
+
+    def run(self, config, plan: VerlPlan):
+        from verl.trainer.ppo.utils import create_rl_dataset, create_rl_sampler, need_critic, need_reference_policy
+        from verl.utils.config import omega_conf_to_dataclass, validate_config
+        from verl.utils.dataset.rl_dataset import collate_fn
+
+        from recipe.ta_opd.verl_backend.trainer import TAOPDRayTrainer, VerlSettings
+
+        self.plan = plan
+        OmegaConf.resolve(config)
+        _, wg_cls = self.add_actor_rollout_worker(config)
+        self.add_reward_model_resource_pool(config)
+        self.add_teacher_model_resource_pool(config)
+        validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+        model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model)
+        tokenizer, processor = model_config.tokenizer, model_config.processor
+        resource_pool_manager = self.init_resource_pool_mgr(config)
+        train = create_rl_dataset(config.data.train_files, config.data, tokenizer, processor, is_train=True,
+                                  max_samples=config.data.get("train_max_samples", -1))
+        val = create_rl_dataset(config.data.val_files, config.data, tokenizer, processor, is_train=False,
+                                max_samples=config.data.get("val_max_samples", -1))
+        settings = VerlSettings(teacher_backend=plan.teacher_backend, vocab_size=plan.vocab_size,
+                                teacher_worker=plan.teacher_worker, loss_mode=plan.loss_mode,
+                                wandb_histogram=bool(config.ta_opd.wandb_histogram))
+        trainer = TAOPDRayTrainer(
+            config=config, tokenizer=tokenizer, processor=processor, role_worker_mapping=self.role_worker_mapping,
+            resource_pool_manager=resource_pool_manager, ray_worker_group_cls=wg_cls, train_dataset=train,
+            val_dataset=val, collate_fn=collate_fn, train_sampler=create_rl_sampler(config.data, train),
+            ta_cfg=plan.ta, ta_settings=settings)
+        trainer.init_workers()
+        trainer.fit()
+
+
+def ray_runtime_env(config) -> dict:
+    """verl's PPO runtime env + this repository on PYTHONPATH + the loss-registration hook."""
+    from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
+
+    env = OmegaConf.to_container(OmegaConf.merge(
+        get_ppo_ray_runtime_env(config), config.ray_kwargs.get("ray_init", {}).get("runtime_env", {})), resolve=True)
+    env.setdefault("env_vars", {})
+    paths = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO_ROOT]
+    env["env_vars"]["PYTHONPATH"] = os.pathsep.join(paths)
+    env["worker_process_setup_hook"] = SETUP_HOOK
+    return env
+
+
+def run_verl(config, plan: VerlPlan) -> None:
+    if not ray.is_initialized():
+        kwargs = OmegaConf.to_container(config.ray_kwargs.get("ray_init", {}), resolve=True)
+        kwargs["runtime_env"] = ray_runtime_env(config)
+        ray.init(**kwargs)
+    runner = ray.remote(num_cpus=1)(TAOPDTaskRunner).remote()
+    ray.get(runner.run.remote(config, plan))

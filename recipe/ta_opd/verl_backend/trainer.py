@@ -1,0 +1,138 @@
+"""The v0 ``RayPPOTrainer`` with three hooks overridden; ``fit()`` is verl's, untouched.
+
+- ``init_workers``: verl's workers, plus the FSDP teacher worker group on the teacher pool.
+- ``_compute_old_log_prob``: teacher fields (FSDP worker group, or derived from verl's vLLM
+  teacher output), then the old-log-prob forward with the TA statistics emitted by the actor's
+  logits processor — the same forward verl runs anyway, so no extra student pass.
+- ``_update_actor``: normalization + budget selection over the WHOLE batch on the driver (the
+  driver holds every data-parallel rank's rows, so selection is global by construction), the
+  mask ANDed into ``response_mask`` for the update (verl counts the loss denominator from it),
+  then verl's update; the TA metrics join the actor's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from verl import DataProto
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+from verl.trainer.ppo.utils import Role
+from verl.utils import tensordict_utils as tu
+from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
+
+from recipe.ta_opd.verl_backend import fields as F
+from ta_opd.config import TAConfig
+from ta_opd.select import Selection, select_positions
+from ta_opd.stats import PositionStats
+from ta_opd.teacher_outputs import sampled_logp_from_topk
+
+
+@dataclass(frozen=True)
+class VerlSettings:
+    teacher_backend: str  # fsdp | vllm
+    vocab_size: int  # shared tokenizer vocabulary
+    teacher_worker: dict  # TeacherWorkerConfig fields (fsdp backend)
+    loss_mode: str  # the registered verl distillation loss mode
+    wandb_histogram: bool = True
+
+
+def teacher_logp_from_topk(batch: DataProto, vocab_size: int) -> dict[str, float]:
+    """vLLM teacher: log π_T(y_t) from verl's full-sequence top-K' fields, into the response grid."""
+    responses = batch.batch["responses"]
+    R = responses.shape[1]
+    P = batch.batch["input_ids"].shape[1] - R
+    ids = batch.batch[F.TEACHER_IDS][:, P - 1 : P - 1 + R]
+    lp = batch.batch[F.TEACHER_LOGPROBS][:, P - 1 : P - 1 + R]
+    valid = batch.batch["response_mask"].bool()
+    logp = torch.zeros(responses.shape, dtype=torch.float32)
+    got, known = sampled_logp_from_topk(ids[valid], lp[valid], responses[valid], vocab_size)
+    logp[valid] = got
+    batch.batch[F.TEACHER_LOGP] = logp
+    return {"ta_opd/teacher/sampled_missing_fraction": float((~known).float().mean()) if known.numel() else 0.0}
+
+
+def apply_selection(batch: DataProto, cfg: TAConfig, step: int) -> tuple[Selection, torch.Tensor]:
+    """Pop the statistics fields, select over the whole batch, AND the mask into response_mask.
+    Returns the selection and the original response_mask (to restore after the update)."""
+    stats = PositionStats.from_scalars({n: batch.batch.pop(F.stat_key(n)) for n in PositionStats.SCALARS})
+    full = batch.batch["response_mask"]
+    valid = full.bool()
+    sel = select_positions(stats, valid, cfg, step)
+    batch.batch["response_mask"] = (valid & sel.mask).to(full.dtype)
+    return sel, full
+
+
+def log_score_histogram(scores: torch.Tensor, step: int) -> None:
+    """A W&B histogram of the selector score over valid positions, when a W&B run is active."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None and scores.numel():
+        wandb.log({"ta_opd/score_hist": wandb.Histogram(scores.float().numpy())}, step=step, commit=False)
+
+
+class TAOPDRayTrainer(RayPPOTrainer):
+    def __init__(self, *args, ta_cfg: TAConfig, ta_settings: VerlSettings, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ta_cfg = ta_cfg
+        self.ta = ta_settings
+        self.ta_teacher_wg = None
+        self._ta_metrics: dict[str, float] = {}
+
+    def init_workers(self):
+        super().init_workers()
+        if self.ta.teacher_backend == "fsdp":
+            import ray
+            from verl.single_controller.ray import RayClassWithInitArgs, RayWorkerGroup
+
+            from recipe.ta_opd.verl_backend.teacher import TATeacherWorker
+
+            pool = self.resource_pool_manager.get_resource_pool(Role.TeacherModel)
+            self.ta_teacher_wg = RayWorkerGroup(
+                resource_pool=pool, name_prefix="ta_opd_teacher",
+                ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(TATeacherWorker), config=self.ta.teacher_worker))
+            self.ta_teacher_wg.init_model()
+
+    def _compute_old_log_prob(self, batch: DataProto):
+        metrics: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if self.ta.teacher_backend == "fsdp":
+            teacher = self.ta_teacher_wg.compute_teacher(batch.select(batch_keys=list(F.TEACHER_INPUTS)))
+            batch.batch.update(teacher.batch)
+        else:  # vLLM teacher: top-K' arrived with the rollout
+            metrics.update(teacher_logp_from_topk(batch, self.ta.vocab_size))
+        t1 = time.perf_counter()
+        batch_td = left_right_2_no_padding(batch.to_tensordict())
+        tu.assign_non_tensor(batch_td, calculate_entropy=True, compute_loss=True, distillation_use_topk=True,
+                             distillation_only=False, **{F.PHASE: F.PHASE_STATS})
+        output = self.actor_rollout_wg.compute_log_prob(batch_td)
+        result = {"old_log_probs": no_padding_2_padding(tu.get(output, "log_probs"), batch_td).float(),
+                  "entropys": no_padding_2_padding(tu.get(output, "entropy"), batch_td).float()}
+        for name in PositionStats.SCALARS:
+            key = F.stat_key(name)
+            result[key] = no_padding_2_padding(tu.get(output, key), batch_td).float()
+        metrics["ta_opd/timing/teacher_s"] = t1 - t0
+        metrics["ta_opd/timing/stats_forward_s"] = time.perf_counter() - t1
+        self._ta_metrics = metrics
+        mfu = tu.get(output, "metrics")["mfu"]
+        return DataProto.from_tensordict(tu.get_tensordict(result)), mfu
+
+    def _update_actor(self, batch: DataProto) -> DataProto:
+        t0 = time.perf_counter()
+        sel, full_mask = apply_selection(batch, self.ta_cfg, step=int(self.global_steps))
+        metrics = {**self._ta_metrics, **sel.metrics, "ta_opd/timing/select_s": time.perf_counter() - t0}
+        if self.ta.wandb_histogram:
+            log_score_histogram(sel.scores[full_mask.bool()], int(self.global_steps))
+        if self.ta.loss_mode not in ("ta_opd_topk_forward_kl", "ta_opd_topk_reverse_kl"):
+            for key in (F.TEACHER_IDS, F.TEACHER_LOGPROBS):  # PG-OPD needs only log π_T(y_t)
+                batch.batch.pop(key, None)
+        try:
+            out = super()._update_actor(batch)
+        finally:
+            batch.batch["response_mask"] = full_mask  # later metrics (response length etc.) see every token
+        out.meta_info["metrics"].update(metrics)
+        return out

@@ -1,0 +1,104 @@
+"""The trainer's overridden hooks on CPU: ``_compute_old_log_prob`` (teacher worker group, then the
+statistics forward) and ``_update_actor`` (whole-batch selection, mask ANDed into response_mask,
+verl's update, mask restored, TA metrics). The worker groups are stand-ins that run the same
+registered loss through verl's batch plumbing (``engine_sim``) on local tiny models, because verl's
+FSDP engine needs CUDA; everything on the driver side is the real trainer code."""
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from verl import DataProto
+from verl.utils import tensordict_utils as tu
+from verl.utils.config import omega_conf_to_dataclass
+
+from recipe.ta_opd.main import ta_config
+from recipe.ta_opd.verl_backend import fields as F
+from recipe.ta_opd.verl_backend.losses import make_actor_loss
+from recipe.ta_opd.verl_backend.teacher import TeacherWorkerConfig, compute_teacher_fields
+from recipe.ta_opd.verl_backend.trainer import TAOPDRayTrainer, VerlSettings
+from recipe.ta_opd.verl_backend.validate import plan
+from ta_opd.losses import LossInputs, compute_loss
+from ta_opd.stats import PositionStats
+from tests.verl.engine_sim import forward_backward
+from tests.verl.helpers import VOCAB, rollout_batch
+from tests.verl.test_configs import RECIPE_DIR
+
+
+class FakeTeacherGroup:
+    def __init__(self, model, cfg):
+        self.model, self.cfg = model, cfg
+
+    def compute_teacher(self, data: DataProto) -> DataProto:
+        return DataProto.from_dict(tensors=compute_teacher_fields(self.model, dict(data.batch.items()), self.cfg))
+
+
+class FakeActorGroup:
+    """Runs what ActorRolloutRefWorker runs per call, with our loss wrapper installed."""
+
+    def __init__(self, model, loss_fn):
+        self.model, self.loss_fn, self.seen = model, loss_fn, {}
+
+    def compute_log_prob(self, td):
+        tu.assign_non_tensor(td, use_dynamic_bsz=False, micro_batch_size_per_gpu=2)
+        out, _ = forward_backward(self.model, td, self.loss_fn, forward_only=True)
+        return tu.get_tensordict(tensor_dict=out["model_output"], non_tensor_dict={"metrics": {"mfu": 0.0}})
+
+    def update_actor(self, td):
+        self.seen["response_mask"] = td["response_mask"].clone()
+        self.seen["keys"] = set(td.keys())
+        tu.assign_non_tensor(td, use_dynamic_bsz=False, micro_batch_size_per_gpu=2)
+        self.model.zero_grad()
+        _, loss = forward_backward(self.model, td, self.loss_fn, forward_only=False)
+        self.seen["loss"] = loss
+        return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": {"mfu": 0.0, "loss": float(loss)}})
+
+
+def make_trainer(models, *overrides):
+    with initialize_config_dir(config_dir=RECIPE_DIR, version_base=None):
+        cfg = compose("ta_opd_trainer", overrides=["ta_opd.teacher_topk=12", "ta_opd.topk=4", "data.train_batch_size=2",
+                                                   "actor_rollout_ref.rollout.n=4", *overrides])
+    ta = ta_config(cfg.ta_opd)
+    p = plan(cfg, ta, student_path="s", teacher_path="t", vocab_size=VOCAB)
+    trainer = object.__new__(TAOPDRayTrainer)  # the hooks only; init_workers needs GPUs
+    trainer.config, trainer.ta_cfg, trainer.global_steps, trainer._ta_metrics = cfg, ta, 7, {}
+    trainer.distillation_config = None
+    trainer.ta = VerlSettings(teacher_backend="fsdp", vocab_size=VOCAB, teacher_worker=p.teacher_worker,
+                              loss_mode=p.loss_mode, wandb_histogram=False)
+    tcfg = TeacherWorkerConfig(**{**p.teacher_worker, "model_path": models["teacher_path"], "param_dtype": "float32"})
+    trainer.ta_teacher_wg = FakeTeacherGroup(models["teacher"], tcfg)
+    dist = omega_conf_to_dataclass(OmegaConf.create(p.actor_distillation))
+    actor_cfg = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    trainer.actor_rollout_wg = FakeActorGroup(models["student"], make_actor_loss(actor_cfg, dist, ta, VOCAB))
+    return trainer
+
+
+def test_hooks_run_the_step_and_restore_the_mask(models):
+    trainer = make_trainer(models, "ta_opd.budget=0.25")
+    batch = DataProto.from_dict(tensors=rollout_batch(B=8, P=5, R=7, seed=4))
+    old, _ = trainer._compute_old_log_prob(batch)
+    for k in ("old_log_probs", "entropys", *(F.stat_key(n) for n in PositionStats.SCALARS)):
+        assert k in old.batch.keys(), k
+    assert F.TEACHER_LOGP in batch.batch.keys()  # the teacher group's fields joined the batch
+    batch = batch.union(old)
+    full = batch.batch["response_mask"].clone()
+    out = trainer._update_actor(batch)
+    seen = trainer.actor_rollout_wg.seen
+    kept = seen["response_mask"].bool()
+    n_valid, n_kept = int(full.sum()), int(kept.sum())
+    assert n_kept == -(-n_valid // 4)  # ceil(0.25 |I|) positions, over the whole batch
+    assert bool((kept <= full.bool()).all())
+    assert torch.equal(batch.batch["response_mask"], full)  # restored for verl's later metrics
+    assert F.TEACHER_IDS not in seen["keys"] and F.stat_key("D") not in seen["keys"]  # not shipped to the update
+    m = out.meta_info["metrics"]
+    assert m["ta_opd/kept_count"] == n_kept and m["ta_opd/valid_count"] == n_valid
+    for key in ("ta_opd/timing/teacher_s", "ta_opd/timing/stats_forward_s", "ta_opd/timing/select_s",
+                "ta_opd/DL/kept_mean", "ta_opd/DI/dropped_mean", "ta_opd/q3/fraction", "ta_opd/missing/fraction",
+                "ta_opd/C_bound/max_width", "ta_opd/D/p50", "actor/loss"):
+        assert key in m, key
+    # the update's loss is ta_opd's pg_opd over exactly the kept positions (on-policy: log π = log π_old)
+    b = batch.batch
+    inp = LossInputs(mask=kept, log_prob=b["old_log_probs"], old_log_prob=b["old_log_probs"],
+                     teacher_log_prob=b[F.TEACHER_LOGP])
+    want = compute_loss("pg_opd", inp, clip_low=0.2, clip_high=0.28).loss
+    torch.testing.assert_close(seen["loss"], want, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,289 @@
+"""The registered statistics hook and losses through verl's own batch conversion
+(``left_right_2_no_padding``, ``no_padding_2_padding``) and micro-batching
+(``prepare_micro_batches``, ``postprocess_batch_func``) on CPU equal ``ta_opd`` on the same data."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from verl import DataProto
+from verl.utils import tensordict_utils as tu
+from verl.utils.config import omega_conf_to_dataclass
+from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
+
+from recipe.ta_opd.main import ta_config
+from recipe.ta_opd.verl_backend import fields as F
+from recipe.ta_opd.verl_backend.losses import make_actor_loss
+from recipe.ta_opd.verl_backend.trainer import apply_selection
+from recipe.ta_opd.verl_backend.validate import plan
+from ta_opd.losses import LossInputs, compute_loss
+from ta_opd.select import select_positions
+from ta_opd.stats import PositionStats, sparse_position_stats
+from tests.verl.engine_sim import forward_backward
+from tests.verl.helpers import VOCAB
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "recipe" / "ta_opd" / "config")
+MICRO = [dict(use_dynamic_bsz=False, micro_batch_size_per_gpu=2), dict(use_dynamic_bsz=True, max_token_len_per_gpu=24)]
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose("ta_opd_trainer", overrides=["ta_opd.teacher_topk=12", "ta_opd.topk=4", *overrides])
+
+
+def configs(*overrides, loss_mode=None, policy_gradient=False):
+    """(TAConfig, ActorConfig, actor DistillationConfig) as the verl backend builds them."""
+    cfg = compose_cfg(*overrides)
+    ta = ta_config(cfg.ta_opd)
+    p = plan(cfg, ta, student_path="unused", teacher_path="unused", vocab_size=VOCAB)
+    dist = OmegaConf.create(p.actor_distillation)
+    if loss_mode is not None:  # verl's own modes, for comparisons
+        dist.distillation_loss.loss_mode = loss_mode
+        dist.distillation_loss.use_policy_gradient = policy_gradient
+    actor_cfg = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    return ta, actor_cfg, omega_conf_to_dataclass(dist)
+
+
+def to_td(batch: dict, **flags):
+    td = left_right_2_no_padding(DataProto.from_dict(tensors=dict(batch)).to_tensordict())
+    tu.assign_non_tensor(td, **flags)
+    return td
+
+
+def reference_stats(model, batch, ta) -> PositionStats:
+    """ta_opd directly: per-sequence unpadded forward, response rows, sparse_position_stats."""
+    valid = batch["response_mask"].bool()
+    R = batch["responses"].shape[1]
+    P = batch["input_ids"].shape[1] - R
+    logits, ids, lps = [], [], []
+    with torch.no_grad():
+        for b in range(valid.shape[0]):
+            keep = batch["attention_mask"][b].bool()
+            x = model(input_ids=batch["input_ids"][b][keep].unsqueeze(0)).logits[0, :, :VOCAB]
+            n_p, n_r = int(keep[:P].sum()), int(valid[b].sum())
+            logits.append(x[n_p - 1 : n_p - 1 + n_r])
+            ids.append(batch[F.TEACHER_IDS][b, P - 1 : P - 1 + n_r])
+            lps.append(batch[F.TEACHER_LOGPROBS][b, P - 1 : P - 1 + n_r])
+    stats = sparse_position_stats(torch.cat(logits), torch.cat(ids), torch.cat(lps), topk=ta.topk, entropy=ta.entropy,
+                                  chunk_size=ta.chunk_size)
+    return PositionStats.from_scalars(stats.scalars()).scatter(valid)
+
+
+def hook_stats(model, batch, ta, actor_cfg, dist_cfg, micro) -> tuple[PositionStats, torch.Tensor]:
+    td = to_td(batch, calculate_entropy=True, compute_loss=True, distillation_use_topk=True,
+               **{F.PHASE: F.PHASE_STATS}, **micro)
+    out, _ = forward_backward(model, td, make_actor_loss(actor_cfg, dist_cfg, ta, VOCAB), forward_only=True)
+    mo = out["model_output"]
+    grid = {n: no_padding_2_padding(mo[F.stat_key(n)], td) for n in PositionStats.SCALARS}
+    return PositionStats.from_scalars(grid), no_padding_2_padding(mo["log_probs"], td)
+
+
+@pytest.mark.parametrize("micro", MICRO, ids=["fixed_micro", "dynamic_bsz"])
+def test_statistics_hook_equals_ta_opd(models, rollout, micro):
+    ta, actor_cfg, dist_cfg = configs()
+    got, _ = hook_stats(models["student"], rollout, ta, actor_cfg, dist_cfg, micro)
+    want = reference_stats(models["student"], rollout, ta)
+    valid = rollout["response_mask"].bool()
+    for name in PositionStats.SCALARS:
+        torch.testing.assert_close(getattr(got, name)[valid].float(), getattr(want, name)[valid].float(),
+                                   atol=2e-5, rtol=1e-5, msg=name)
+        assert getattr(got, name)[~valid].abs().sum() == 0, name
+    assert int(got.missing[valid].sum()) > 0  # K'=12 of V=96: some student top-K ids were not shipped
+
+
+def test_selection_over_dp_shards_equals_single_process(models, rollout):
+    """Two simulated DP ranks each run the statistics pass on their shard (verl's DP split), the
+    driver concatenates (verl's collect) and selects: same mask as one process on the whole batch."""
+    ta, actor_cfg, dist_cfg = configs("ta_opd.budget=0.2")
+    B = rollout["input_ids"].shape[0]
+    shards = [{k: v[s] for k, v in rollout.items()} for s in (slice(0, B // 2), slice(B // 2, B))]
+    grids = [hook_stats(models["student"], sh, ta, actor_cfg, dist_cfg, MICRO[0])[0] for sh in shards]
+    proto = DataProto.from_dict(tensors=dict(rollout))
+    for n in PositionStats.SCALARS:
+        proto.batch[F.stat_key(n)] = torch.cat([getattr(g, n).float() for g in grids])
+    sel, full = apply_selection(proto, ta, step=3)
+    want = select_positions(reference_stats(models["student"], rollout, ta), rollout["response_mask"].bool(), ta, 3)
+    assert torch.equal(sel.mask, want.mask)
+    assert torch.equal(proto.batch["response_mask"].bool(), want.mask & full.bool())
+    assert 0 < int(want.mask.sum()) < int(full.sum())
+
+
+def _update_batch(rollout, mask, old_log_probs):
+    b = dict(rollout)
+    b["response_mask"] = (rollout["response_mask"].bool() & mask).long()
+    b["old_log_probs"] = old_log_probs
+    b["advantages"] = torch.zeros_like(old_log_probs)
+    return b
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_masked_loss_equals_ta_opd_and_gradient_is_zero_off_the_kept_rows(models, rollout):
+    model = models["student"]
+    ta, actor_cfg, dist_cfg = configs("ta_opd.budget=0.3")
+    stats, logp = hook_stats(model, rollout, ta, actor_cfg, dist_cfg, MICRO[0])
+    valid = rollout["response_mask"].bool()
+    mask = select_positions(stats, valid, ta, step=1).mask
+    old = logp.detach()  # on-policy (ratio 1, nothing clipped): every kept row must get a gradient
+    batch = _update_batch(rollout, mask, old)
+    kept_rows = []
+
+    def leaf(l):  # packed logits as a leaf: gradient per row
+        l = l.detach().requires_grad_()
+        kept_rows.append(l)
+        return l
+
+    model.zero_grad()
+    td = to_td(batch, calculate_entropy=False, compute_loss=True, distillation_use_topk=False, global_batch_size=8,
+               **MICRO[1])
+    out, total = forward_backward(model, td, make_actor_loss(actor_cfg, dist_cfg, ta, VOCAB), forward_only=False,
+                                  logits_hook=leaf)
+    # reference: ta_opd's pg_opd on the (B, R) grid, one pass
+    model.zero_grad()
+    g_ref = _reference_pg(model, rollout, mask & valid, old, ta)
+    torch.testing.assert_close(total, g_ref[0], atol=1e-6, rtol=1e-5)
+    # gradient reaches the model only through kept positions; every other packed row gets exactly 0
+    for mb_logits, mb in zip(kept_rows, _micro_batches(td)):
+        rows = F.response_rows(mb, mb_logits.shape[1])
+        grad = mb_logits.grad[0].abs().sum(-1)
+        others = torch.ones_like(grad, dtype=torch.bool)
+        others[rows] = False
+        assert grad[others].sum() == 0
+        assert bool((grad[rows] > 0).all())
+
+
+def _micro_batches(td):
+    from verl.workers.engine.utils import prepare_micro_batches
+
+    return prepare_micro_batches(data=td, dp_group=None, same_micro_num_in_dp=True)[0]
+
+
+def _reference_pg(model, rollout, mask, old, ta):
+    R = rollout["responses"].shape[1]
+    P = rollout["input_ids"].shape[1] - R
+    logits = model(input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"],
+                   position_ids=rollout["position_ids"]).logits[:, P - 1 : P - 1 + R]
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, rollout["responses"].unsqueeze(-1)).squeeze(-1)
+    out = compute_loss("pg_opd", LossInputs(mask=mask, log_prob=logp, old_log_prob=old,
+                                            teacher_log_prob=rollout[F.TEACHER_LOGP]),
+                       clip_low=ta.clip_low, clip_high=ta.clip_high, loss_agg=ta.loss_agg)
+    out.loss.backward()
+    return out.loss.detach(), _grads(model)
+
+
+def test_masked_gradients_equal_ta_opd_off_policy(models, rollout):
+    """Off-policy old log-probs (ratios clipped at 0.2 / 0.28): same gradients as ta_opd's pg_opd."""
+    model = models["student"]
+    ta, actor_cfg, dist_cfg = configs("ta_opd.budget=0.3")
+    stats, logp = hook_stats(model, rollout, ta, actor_cfg, dist_cfg, MICRO[0])
+    valid = rollout["response_mask"].bool()
+    mask = select_positions(stats, valid, ta, step=1).mask
+    old = torch.where(valid, logp + 0.3 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(1)), 0.0)
+    model.zero_grad()
+    td = to_td(_update_batch(rollout, mask, old), calculate_entropy=False, compute_loss=True, global_batch_size=8,
+               distillation_use_topk=False, **MICRO[0])
+    forward_backward(model, td, make_actor_loss(actor_cfg, dist_cfg, ta, VOCAB), forward_only=False)
+    got = _grads(model)
+    model.zero_grad()
+    _, want = _reference_pg(model, rollout, mask & valid, old, ta)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_rho_one_equals_verls_unmasked_pg_opd(models, rollout):
+    """selector=full (rho = 1): our masked loss == verl's own PG-OPD (k1 estimator, policy
+    gradient, vanilla PPO loss) on the unmasked batch, in value and gradient, at the on-policy
+    point of a one-step-per-rollout update (where verl's dual clip and current-policy k1 coincide
+    with the spec's plain clip and π_old)."""
+    model = models["student"]
+    ta, actor_cfg, dist_cfg = configs("ta_opd.selector=full")
+    stats, logp = hook_stats(model, rollout, ta, actor_cfg, dist_cfg, MICRO[0])
+    valid = rollout["response_mask"].bool()
+    proto = DataProto.from_dict(tensors=dict(rollout))
+    for n in PositionStats.SCALARS:
+        proto.batch[F.stat_key(n)] = getattr(stats, n).float()
+    sel, _ = apply_selection(proto, ta, step=0)
+    assert torch.equal(sel.mask, valid)
+    batch = _update_batch(rollout, sel.mask, logp.detach())
+
+    model.zero_grad()
+    td = to_td(batch, calculate_entropy=False, compute_loss=True, distillation_use_topk=False, global_batch_size=8,
+               **MICRO[0])
+    _, ours = forward_backward(model, td, make_actor_loss(actor_cfg, dist_cfg, ta, VOCAB), forward_only=False)
+    g_ours = _grads(model)
+
+    # verl: teacher_logprobs (B, S, 1) = log π_T(y_t) at the row scoring y_t, as its estimator expects
+    from functools import partial
+
+    from verl.trainer.distillation.losses import distillation_ppo_loss
+
+    _, _, verl_dist = configs("ta_opd.selector=full", loss_mode="k1", policy_gradient=True)
+    B, S = rollout["input_ids"].shape
+    R = rollout["responses"].shape[1]
+    vb = dict(batch)
+    vb[F.TEACHER_LOGPROBS] = torch.zeros(B, S, 1)
+    vb[F.TEACHER_LOGPROBS][:, S - R - 1 : S - 1, 0] = rollout[F.TEACHER_LOGP]
+    vb[F.TEACHER_IDS] = torch.zeros(B, S, 1, dtype=torch.int32)
+    model.zero_grad()
+    td = to_td(vb, calculate_entropy=False, compute_loss=True, distillation_use_topk=False, global_batch_size=8,
+               **MICRO[0])
+    _, theirs = forward_backward(model, td, partial(distillation_ppo_loss, config=actor_cfg, distillation_config=verl_dist),
+                                 forward_only=False)
+    assert float(ours.abs()) > 0
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g_ours, _grads(model), atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["topk_forward_kl", "topk_reverse_kl"])
+def test_topk_losses_through_the_update_processor_equal_ta_opd(models, rollout, loss):
+    model = models["student"]
+    ta, actor_cfg, dist_cfg = configs("ta_opd.budget=0.3", f"ta_opd.loss={loss}")
+    assert dist_cfg.distillation_loss.loss_mode == f"ta_opd_{loss}"
+    stats, logp = hook_stats(model, rollout, ta, actor_cfg, dist_cfg, MICRO[0])
+    valid = rollout["response_mask"].bool()
+    mask = select_positions(stats, valid, ta, step=2).mask
+    model.zero_grad()
+    td = to_td(_update_batch(rollout, mask, logp.detach()), calculate_entropy=False, compute_loss=True,
+               global_batch_size=8, distillation_use_topk=True, distillation_only=True, **MICRO[1])
+    _, got = forward_backward(model, td, make_actor_loss(actor_cfg, dist_cfg, ta, VOCAB), forward_only=False)
+    g_got = _grads(model)
+    model.zero_grad()
+    R = rollout["responses"].shape[1]
+    P = rollout["input_ids"].shape[1] - R
+    logits = model(input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"],
+                   position_ids=rollout["position_ids"]).logits[:, P - 1 : P - 1 + R, :VOCAB]
+    ids = rollout[F.TEACHER_IDS][:, P - 1 : P - 1 + R, : ta.topk].long()
+    s_lp = torch.log_softmax(logits.float(), -1).gather(-1, ids)
+    t_lp = rollout[F.TEACHER_LOGPROBS][:, P - 1 : P - 1 + R, : ta.topk]
+    want = compute_loss(loss, LossInputs(mask=mask & valid, student_topk_logp=s_lp, teacher_topk_logp=t_lp),
+                        loss_agg=ta.loss_agg)
+    want.loss.backward()
+    assert float(want.loss) > 0
+    torch.testing.assert_close(got, want.loss.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g_got, _grads(model), atol=1e-7, rtol=1e-4)
+
+
+def test_vllm_teacher_sampled_logp_from_top_k(rollout):
+    """teacher_backend=vllm: log π_T(y_t) comes from the shipped top-K' where y_t is in it (exact),
+    else the documented point value; the fraction of point values is reported."""
+    from recipe.ta_opd.verl_backend.trainer import teacher_logp_from_topk
+
+    proto = DataProto.from_dict(tensors={k: v for k, v in rollout.items() if k != F.TEACHER_LOGP})
+    m = teacher_logp_from_topk(proto, VOCAB)
+    got = proto.batch[F.TEACHER_LOGP]
+    valid = rollout["response_mask"].bool()
+    R = rollout["responses"].shape[1]
+    P = rollout["input_ids"].shape[1] - R
+    ids = rollout[F.TEACHER_IDS][:, P - 1 : P - 1 + R]
+    inside = (ids.long() == rollout["responses"].unsqueeze(-1)).any(-1) & valid
+    torch.testing.assert_close(got[inside], rollout[F.TEACHER_LOGP][inside], atol=1e-6, rtol=0)
+    outside = valid & ~inside
+    assert bool(outside.any()) and bool(inside.any())
+    # outside the top-K' the point value never exceeds the K'-th shipped probability
+    kth = rollout[F.TEACHER_LOGPROBS][:, P - 1 : P - 1 + R, -1]
+    assert bool((got[outside] <= kth[outside] + 1e-6).all())
+    assert m["ta_opd/teacher/sampled_missing_fraction"] == pytest.approx(float(outside.sum() / valid.sum()))
