@@ -19,6 +19,20 @@ import torch
 COLUMNS = ("prompt_id", "prompt_ids", "prompt_len", "response_ids", "response", "label", "sampled_logp")
 
 
+def write_step(out_dir: str | Path, step: int, records: list[dict]) -> Path:
+    """One training step's rollouts as ``step_<step>.parquet`` in ``out_dir`` (atomic rename), the
+    layout :func:`load` reads back in step order. Both backends write through this."""
+    import pandas as pd
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".step_{step:06d}.parquet.tmp"
+    pd.DataFrame(records).to_parquet(tmp)
+    final = out / f"step_{step:06d}.parquet"
+    tmp.replace(final)
+    return final
+
+
 def validate(df, source: str = "bank") -> None:
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:

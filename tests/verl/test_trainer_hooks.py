@@ -102,3 +102,41 @@ def test_hooks_run_the_step_and_restore_the_mask(models):
                      teacher_log_prob=b[F.TEACHER_LOGP])
     want = compute_loss("pg_opd", inp, clip_low=0.2, clip_high=0.28).loss
     torch.testing.assert_close(seen["loss"], want, atol=1e-5, rtol=1e-4)
+
+
+def test_rollouts_are_written_as_a_context_bank(models, tmp_path):
+    from recipe.ta_opd.verl_backend.bank import bank_records
+    from ta_opd.diagnose import bank
+
+    trainer = make_trainer(models)
+    raw = rollout_batch(B=4, P=5, R=7, seed=5)
+    batch = DataProto.from_dict(tensors=raw, non_tensors={
+        "extra_info": [{"index": i // 2} for i in range(4)], "reward_model": [{"ground_truth": "42"}] * 4})
+    old, _ = trainer._compute_old_log_prob(batch)
+    batch = batch.union(old)
+    bank.write_step(tmp_path, 7, bank_records(batch, lambda ids: " ".join(map(str, ids)), 7))
+    df = bank.load(tmp_path)
+    assert list(df.prompt_id) == ["0", "0", "1", "1"] and set(df.label) == {"42"}
+    for j, r in df.iterrows():
+        keep = raw["attention_mask"][j, :5].bool()
+        n = int(raw["response_mask"][j].sum())
+        assert list(r.prompt_ids) == raw["prompts"][j][keep].tolist() and r.prompt_len == int(keep.sum())
+        assert list(r.response_ids) == raw["responses"][j, :n].tolist()
+        assert list(r.sampled_logp) == batch.batch["old_log_probs"][j, :n].tolist()
+
+
+def test_wandb_histogram_of_scores_when_a_run_is_active(monkeypatch):
+    import sys
+    import types
+
+    from recipe.ta_opd.verl_backend.trainer import log_score_histogram
+
+    logged = []
+    fake = types.SimpleNamespace(run=None, Histogram=lambda values: ("hist", list(values)),
+                                 log=lambda data, step, commit: logged.append((data, step, commit)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log_score_histogram(torch.tensor([0.5, 0.25]), step=3)
+    assert logged == []  # W&B off: nothing
+    fake.run = object()
+    log_score_histogram(torch.tensor([0.5, 0.25]), step=3)
+    assert logged == [({"ta_opd/score_hist": ("hist", [0.5, 0.25])}, 3, False)]

@@ -154,10 +154,6 @@ class CPUTrainer:
 
     def write_rollouts(self, rows, prompts, ro, texts, old_logp) -> None:
         """This step's rollouts as a context bank (ta_opd/diagnose/bank.py schema), one parquet per step."""
-        import pandas as pd
-
-        out = Path(self.cfg.rollout_dir)
-        out.mkdir(parents=True, exist_ok=True)
         recs = []
         for j, p in enumerate(prompts):
             r = rows[j // self.cfg.n_samples]
@@ -166,9 +162,7 @@ class CPUTrainer:
                          "prompt_len": len(p), "response_ids": ro.responses[j, :n].tolist(), "response": texts[j],
                          "label": bank.ground_truth(r), "sampled_logp": old_logp[j, :n].tolist(),
                          "step": self.step + 1})
-        tmp = out / f".step_{self.step + 1:06d}.parquet.tmp"
-        pd.DataFrame(recs).to_parquet(tmp)
-        tmp.replace(out / f"step_{self.step + 1:06d}.parquet")
+        bank.write_step(self.cfg.rollout_dir, self.step + 1, recs)
 
     def fit(self) -> dict:
         from tqdm import tqdm

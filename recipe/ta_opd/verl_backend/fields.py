@@ -24,13 +24,15 @@ def stat_key(name: str) -> str:
     return STAT_PREFIX + name
 
 
-def response_rows(data, nnz: int) -> torch.Tensor:
+def response_rows(data) -> torch.Tensor:
     """(N,) indices, into the no-padding token axis of a micro-batch, of the rows whose logits
     score the valid response tokens, in row-major (sequence, position) order of
     ``response_mask``. Uses verl's own ``no_padding_2_padding`` on an index ramp, so the mapping
-    is verl's by construction."""
+    is verl's by construction. (The engine may right-pad the packed logits; those rows are never
+    response rows.)"""
     from verl.workers.utils.padding import no_padding_2_padding
 
+    nnz = data["input_ids"].values().shape[0]
     ramp = torch.arange(nnz, device=data["response_mask"].device)
     grid = no_padding_2_padding(ramp, data)  # (B, R)
     mask = data["response_mask"]

@@ -105,8 +105,7 @@ register_all()
 
 def _rows_and_teacher(student_logits: torch.Tensor, data):
     """Rows of the packed logits that score valid response tokens, and the teacher's top-K' there."""
-    nnz = student_logits.shape[1]
-    rows = F.response_rows(data, nnz).to(student_logits.device)
+    rows = F.response_rows(data).to(student_logits.device)
     t_ids = data[F.TEACHER_IDS]
     t_lp = data[F.TEACHER_LOGPROBS]
     t_ids = (t_ids.values() if t_ids.is_nested else t_ids.reshape(-1, t_ids.shape[-1]))[rows]
@@ -142,10 +141,18 @@ def topk_kl_outputs(student_logits: torch.Tensor, data, cfg: TAConfig, vocab_siz
     out = torch.zeros(1, nnz, dtype=torch.float32, device=student_logits.device)
     if rows.numel() == 0:
         return {TOPK_KL_OUTPUT: out + 0.0 * student_logits.sum()}
-    x = student_logits[0, rows, :vocab_size].float()  # (N, V) rows of the response only
-    ids = t_ids[:, : cfg.topk].long().to(x.device)
-    s_lp = x.gather(-1, ids) - torch.logsumexp(x, dim=-1, keepdim=True)
-    kl = topk_kl_per_token(s_lp, t_lp[:, : cfg.topk].to(x.device), reverse=reverse)
+    ids = t_ids[:, : cfg.topk].long().to(student_logits.device)
+    t_lp = t_lp[:, : cfg.topk].to(student_logits.device)
+
+    def chunk_kl(logits, r, i, t):  # recomputed in backward: no (N, V) fp32 copy is kept
+        x = logits[0, r, :vocab_size].float()
+        return topk_kl_per_token(x.gather(-1, i) - torch.logsumexp(x, dim=-1, keepdim=True), t, reverse=reverse)
+
+    from torch.utils.checkpoint import checkpoint
+
+    step = cfg.chunk_size
+    kl = torch.cat([checkpoint(chunk_kl, student_logits, rows[a:a + step], ids[a:a + step], t_lp[a:a + step],
+                               use_reentrant=False) for a in range(0, rows.numel(), step)])
     return {TOPK_KL_OUTPUT: out.index_put((torch.zeros_like(rows), rows), kl)}
 
 

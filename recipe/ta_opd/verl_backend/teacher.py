@@ -110,16 +110,20 @@ def compute_teacher_fields(model: torch.nn.Module, batch: dict[str, torch.Tensor
             input_ids=input_ids[a:b].to(device), attention_mask=batch["attention_mask"][a:b].to(device),
             position_ids=batch["position_ids"][a:b].to(device), use_cache=False, logits_to_keep=R + 1,
         ).logits[:, :R, : cfg.vocab_size]  # (mb, R, V): row t scores response token t
-        tout = teacher_outputs(logits[v.to(logits.device)], responses[a:b][v].to(logits.device), topk=cfg.topk,
-                               chunk_size=cfg.chunk_size, logp_dtype=logp_dtype)
-        ids = torch.zeros(b - a, R, cfg.topk, dtype=torch.int32)
-        lp = torch.zeros(b - a, R, cfg.topk, dtype=logp_dtype)
-        ids[v], lp[v] = tout.topk_ids.cpu(), tout.topk_logp.cpu()
-        out[F.TEACHER_IDS][a:b, P - 1 : P - 1 + R] = ids
-        out[F.TEACHER_LOGPROBS][a:b, P - 1 : P - 1 + R] = lp
-        out[F.TEACHER_LOGP][a:b][v] = tout.sampled_logp.cpu()
-        out[F.TEACHER_ENTROPY][a:b][v] = tout.entropy.cpu()
-        del logits, tout
+        for i in range(b - a):
+            vi = v[i]
+            if not bool(vi.any()):
+                continue
+            n = int(vi.nonzero().max()) + 1  # a view up to the last valid position: no (N, V) copy
+            tout = teacher_outputs(logits[i, :n], responses[a + i, :n].to(logits.device), topk=cfg.topk,
+                                   chunk_size=cfg.chunk_size, logp_dtype=logp_dtype)
+            keep = vi[:n]
+            row = slice(P - 1, P - 1 + n)
+            out[F.TEACHER_IDS][a + i, row][keep] = tout.topk_ids.cpu()[keep]
+            out[F.TEACHER_LOGPROBS][a + i, row][keep] = tout.topk_logp.cpu()[keep]
+            out[F.TEACHER_LOGP][a + i, :n][keep] = tout.sampled_logp.cpu()[keep]
+            out[F.TEACHER_ENTROPY][a + i, :n][keep] = tout.entropy.cpu()[keep]
+        del logits
     return out
 
 

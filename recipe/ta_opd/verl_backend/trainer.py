@@ -97,6 +97,16 @@ class TAOPDRayTrainer(RayPPOTrainer):
                 ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(TATeacherWorker), config=self.ta.teacher_worker))
             self.ta_teacher_wg.init_model()
 
+    def _log_rollout_data(self, batch: DataProto, reward_extra_infos_dict: dict, timing_raw: dict,
+                          rollout_data_dir: str):
+        """verl's JSONL dump, plus this step's rollouts as a context bank for the diagnostic."""
+        from recipe.ta_opd.verl_backend.bank import bank_records
+        from ta_opd.diagnose.bank import write_step
+
+        super()._log_rollout_data(batch, reward_extra_infos_dict, timing_raw, rollout_data_dir)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        write_step(rollout_data_dir, int(self.global_steps), bank_records(batch, decode, int(self.global_steps)))
+
     def _compute_old_log_prob(self, batch: DataProto):
         metrics: dict[str, float] = {}
         t0 = time.perf_counter()
