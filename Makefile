@@ -31,6 +31,7 @@ sweep: venv
 
 bench: venv
 	$(PY) benchmarks/bench_scoring.py
+	$(PY) benchmarks/bench_teacher.py
 
 clean-venv:
 	rm -rf $(VENV)

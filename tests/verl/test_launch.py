@@ -47,3 +47,16 @@ def test_single_node_script_validates_a_paper_config(smoke_dir):
            "TRAIN_GPUS": "6", "TEACHER_GPUS": "2"}
     out = _run(["bash", "launch/single_node.sh", "ta_opd.dry_run=true", "ta_opd.budget=0.05"], env)
     assert "teacher fsdp (pool [2]), loss ta_opd_pg, shared vocabulary 399, K=16, K'=64, rho=0.05" in out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "the verl backend needs actor_rollout_ref.model.path (student) and ta_opd.teacher_model_path"),
+    (["actor_rollout_ref.model.path=/nonexistent/student", "ta_opd.teacher_model_path=/nonexistent/teacher",
+      "data.train_files=a.parquet", "data.val_files=b.parquet"],
+     "actor_rollout_ref.model.path='/nonexistent/student': cannot load its tokenizer and config"),
+])
+def test_entry_point_rejects_bad_verl_settings_with_exit_2(overrides, message):
+    out = subprocess.run([PY, "-m", "recipe.ta_opd.main", "ta_opd.backend=verl", *overrides], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr

@@ -42,8 +42,14 @@ def model_vocab(student_path: str, teacher_path: str, allowed_mismatch_ids=()) -
     """The shared vocabulary V (tokenizers must agree; logit padding rows are allowed)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    s_tok, t_tok = AutoTokenizer.from_pretrained(student_path), AutoTokenizer.from_pretrained(teacher_path)
-    s_cfg, t_cfg = AutoConfig.from_pretrained(student_path), AutoConfig.from_pretrained(teacher_path)
+    loaded = {}
+    for key, path in (("actor_rollout_ref.model.path", student_path), ("ta_opd.teacher_model_path", teacher_path)):
+        try:
+            loaded[key] = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise TAConfigError(f"{key}={path!r}: cannot load its tokenizer and config ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0]})") from e
+    (s_tok, s_cfg), (t_tok, t_cfg) = loaded.values()
     return shared_vocab_size(s_tok.get_vocab(), t_tok.get_vocab(), student_logits=s_cfg.vocab_size,
                              teacher_logits=t_cfg.vocab_size, allowed_mismatch_ids=frozenset(allowed_mismatch_ids))
 
