@@ -123,12 +123,17 @@ def _grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+def _selected(models, rollout, *overrides, step=1):
+    """Configs, the statistics pass (old log-probs) and the selected mask of the rollout."""
+    ta, actor_cfg, dist_cfg = configs(*overrides)
+    stats, logp = hook_stats(models["student"], rollout, ta, actor_cfg, dist_cfg, MICRO[0])
+    valid = rollout["response_mask"].bool()
+    return ta, actor_cfg, dist_cfg, logp, valid, select_positions(stats, valid, ta, step=step).mask
+
+
 def test_masked_loss_equals_ta_opd_and_gradient_is_zero_off_the_kept_rows(models, rollout):
     model = models["student"]
-    ta, actor_cfg, dist_cfg = configs("ta_opd.budget=0.3")
-    stats, logp = hook_stats(model, rollout, ta, actor_cfg, dist_cfg, MICRO[0])
-    valid = rollout["response_mask"].bool()
-    mask = select_positions(stats, valid, ta, step=1).mask
+    ta, actor_cfg, dist_cfg, logp, valid, mask = _selected(models, rollout, "ta_opd.budget=0.3")
     old = logp.detach()  # on-policy (ratio 1, nothing clipped): every kept row must get a gradient
     batch = _update_batch(rollout, mask, old)
     kept_rows = []
@@ -179,10 +184,7 @@ def _reference_pg(model, rollout, mask, old, ta):
 def test_masked_gradients_equal_ta_opd_off_policy(models, rollout):
     """Off-policy old log-probs (ratios clipped at 0.2 / 0.28): same gradients as ta_opd's pg_opd."""
     model = models["student"]
-    ta, actor_cfg, dist_cfg = configs("ta_opd.budget=0.3")
-    stats, logp = hook_stats(model, rollout, ta, actor_cfg, dist_cfg, MICRO[0])
-    valid = rollout["response_mask"].bool()
-    mask = select_positions(stats, valid, ta, step=1).mask
+    ta, actor_cfg, dist_cfg, logp, valid, mask = _selected(models, rollout, "ta_opd.budget=0.3")
     old = torch.where(valid, logp + 0.3 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(1)), 0.0)
     model.zero_grad()
     td = to_td(_update_batch(rollout, mask, old), calculate_entropy=False, compute_loss=True, global_batch_size=8,
@@ -241,11 +243,9 @@ def test_rho_one_equals_verls_unmasked_pg_opd(models, rollout):
 @pytest.mark.parametrize("loss", ["topk_forward_kl", "topk_reverse_kl"])
 def test_topk_losses_through_the_update_processor_equal_ta_opd(models, rollout, loss):
     model = models["student"]
-    ta, actor_cfg, dist_cfg = configs("ta_opd.budget=0.3", f"ta_opd.loss={loss}")
+    ta, actor_cfg, dist_cfg, logp, valid, mask = _selected(models, rollout, "ta_opd.budget=0.3",
+                                                           f"ta_opd.loss={loss}", step=2)
     assert dist_cfg.distillation_loss.loss_mode == f"ta_opd_{loss}"
-    stats, logp = hook_stats(model, rollout, ta, actor_cfg, dist_cfg, MICRO[0])
-    valid = rollout["response_mask"].bool()
-    mask = select_positions(stats, valid, ta, step=2).mask
     model.zero_grad()
     td = to_td(_update_batch(rollout, mask, logp.detach()), calculate_entropy=False, compute_loss=True,
                global_batch_size=8, distillation_use_topk=True, distillation_only=True, **MICRO[1])
