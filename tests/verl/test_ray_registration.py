@@ -39,3 +39,29 @@ def test_actor_worker_class_builds_its_distillation_config_in_a_worker(ray_cpu):
 
     got = ray_cpu.get(ray_cpu.remote(build).remote(cls))
     assert got == (True, "ta_opd_topk_reverse_kl", True, "topk_reverse_kl", 151936)
+
+
+def test_run_verls_ray_start_registers_and_finds_the_repository(tmp_path):
+    """What run_verl passes to ray.init (verl's runtime env + ours), in a fresh Ray cluster."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = f"""
+import ray
+from hydra import compose, initialize_config_dir
+from recipe.ta_opd.verl_backend.runner import REPO_ROOT, ray_runtime_env
+with initialize_config_dir(config_dir="{root}/recipe/ta_opd/config", version_base=None):
+    cfg = compose("ta_opd_trainer")
+ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=ray_runtime_env(cfg))
+def probe():
+    import sys
+    from verl.trainer.distillation.losses import DISTILLATION_LOSS_REGISTRY
+    return "ta_opd_pg" in DISTILLATION_LOSS_REGISTRY, REPO_ROOT in sys.path or REPO_ROOT in __import__("os").environ["PYTHONPATH"]
+print("PROBE", ray.get(ray.remote(probe).remote()))
+ray.shutdown()
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert "PROBE (True, True)" in out.stdout, out.stderr[-3000:]

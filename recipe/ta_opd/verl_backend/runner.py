@@ -93,7 +93,7 @@ def ray_runtime_env(config) -> dict:
     paths = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO_ROOT]
     env["env_vars"]["PYTHONPATH"] = os.pathsep.join(paths)
     env["worker_process_setup_hook"] = SETUP_HOOK
-    return env
+    return {k: v for k, v in env.items() if v is not None}  # e.g. verl's py_executable: null
 
 
 def run_verl(config, plan: VerlPlan) -> None:

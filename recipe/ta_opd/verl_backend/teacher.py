@@ -104,8 +104,7 @@ def compute_teacher_fields(model: torch.nn.Module, batch: dict[str, torch.Tensor
     for a in range(0, B, cfg.micro_batch_size):
         b = min(a + cfg.micro_batch_size, B)
         v = valid[a:b]
-        if not bool(v.any()):
-            continue
+        # never skip a forward: under FSDP2 every rank must run the same number of them (collectives)
         logits = model(
             input_ids=input_ids[a:b].to(device), attention_mask=batch["attention_mask"][a:b].to(device),
             position_ids=batch["position_ids"][a:b].to(device), use_cache=False, logits_to_keep=R + 1,

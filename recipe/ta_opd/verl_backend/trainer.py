@@ -111,7 +111,8 @@ class TAOPDRayTrainer(RayPPOTrainer):
         metrics: dict[str, float] = {}
         t0 = time.perf_counter()
         if self.ta.teacher_backend == "fsdp":
-            teacher = self.ta_teacher_wg.compute_teacher(batch.select(batch_keys=list(F.TEACHER_INPUTS)))
+            inputs = batch.select(batch_keys=list(F.TEACHER_INPUTS), non_tensor_batch_keys=[])
+            teacher = self.ta_teacher_wg.compute_teacher(inputs)
             batch.batch.update(teacher.batch)
         else:  # vLLM teacher: top-K' arrived with the rollout
             metrics.update(teacher_logp_from_topk(batch, self.ta.vocab_size))

@@ -91,6 +91,12 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
     vocab = model_vocab(student_path, teacher_path, ok_ids) if vocab_size is None else vocab_size
     ta.check_vocab(vocab)
     check_verl_options(cfg)
+    from verl.utils.config import validate_config
+
+    try:  # verl's own batch-size and micro-batch checks, now rather than on the cluster
+        validate_config(config=cfg, use_reference_policy=False, use_critic=False)
+    except (AssertionError, ValueError) as e:
+        raise TAConfigError(f"verl rejects the configuration: {e}") from e
     nnodes = _positive_int(node.nnodes, "ta_opd.teacher.nnodes")
     per_node = _positive_int(node.n_gpus_per_node, "ta_opd.teacher.n_gpus_per_node")
     _positive_int(cfg.trainer.nnodes, "trainer.nnodes")
