@@ -43,13 +43,14 @@ def forward_backward(model, data, loss_fn, *, forward_only: bool, logits_hook=No
             if tu.get_non_tensor_data(data=mb, key="distillation_use_topk", default=False):
                 for k, v in loss_fn(student_logits=logits, data=mb).items():
                     model_output[k] = torch.nested.nested_tensor_from_jagged(v.squeeze(0), offsets)
-            x = logits[0].float()
-            rolled = torch.roll(mb["input_ids"].values(), shifts=-1, dims=0)
-            logz = torch.logsumexp(x, dim=-1)
-            log_probs = x.gather(-1, rolled.unsqueeze(-1)).squeeze(-1) - logz
-            entropy = logz - (torch.softmax(x, -1) * x).sum(-1)
-            model_output["log_probs"] = torch.nested.nested_tensor_from_jagged(log_probs, offsets)
-            model_output["entropy"] = torch.nested.nested_tensor_from_jagged(entropy, offsets)
+            if not tu.get_non_tensor_data(data=mb, key="distillation_only", default=False):  # as verl: no log-probs
+                x = logits[0].float()
+                rolled = torch.roll(mb["input_ids"].values(), shifts=-1, dims=0)
+                logz = torch.logsumexp(x, dim=-1)
+                log_probs = x.gather(-1, rolled.unsqueeze(-1)).squeeze(-1) - logz
+                entropy = logz - (torch.softmax(x, -1) * x).sum(-1)
+                model_output["log_probs"] = torch.nested.nested_tensor_from_jagged(log_probs, offsets)
+                model_output["entropy"] = torch.nested.nested_tensor_from_jagged(entropy, offsets)
             loss, metrics = loss_fn(model_output=model_output, data=mb, dp_group=None)
             if not forward_only:
                 loss.backward()

@@ -4,6 +4,7 @@ verl's update, mask restored, TA metrics). The worker groups are stand-ins that 
 registered loss through verl's batch plumbing (``engine_sim``) on local tiny models, because verl's
 FSDP engine needs CUDA; everything on the driver side is the real trainer code."""
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -14,7 +15,7 @@ from verl.utils.config import omega_conf_to_dataclass
 
 from recipe.ta_opd.main import ta_config
 from recipe.ta_opd.verl_backend import fields as F
-from recipe.ta_opd.verl_backend.losses import make_actor_loss
+from recipe.ta_opd.verl_backend.losses import make_actor_loss, update_flags
 from recipe.ta_opd.verl_backend.teacher import TeacherWorkerConfig, compute_teacher_fields
 from recipe.ta_opd.verl_backend.trainer import TAOPDRayTrainer, VerlSettings
 from recipe.ta_opd.verl_backend.validate import plan
@@ -36,8 +37,8 @@ class FakeTeacherGroup:
 class FakeActorGroup:
     """Runs what ActorRolloutRefWorker runs per call, with our loss wrapper installed."""
 
-    def __init__(self, model, loss_fn):
-        self.model, self.loss_fn, self.seen = model, loss_fn, {}
+    def __init__(self, model, loss_fn, loss_mode):
+        self.model, self.loss_fn, self.loss_mode, self.seen = model, loss_fn, loss_mode, {}
 
     def compute_log_prob(self, td):
         tu.assign_non_tensor(td, use_dynamic_bsz=False, micro_batch_size_per_gpu=2)
@@ -45,6 +46,7 @@ class FakeActorGroup:
         return tu.get_tensordict(tensor_dict=out["model_output"], non_tensor_dict={"metrics": {"mfu": 0.0}})
 
     def update_actor(self, td):
+        tu.assign_non_tensor(td, **update_flags(self.loss_mode))  # as TAOPDActorRolloutRefWorker.update_actor
         self.seen["response_mask"] = td["response_mask"].clone()
         self.seen["keys"] = set(td.keys())
         tu.assign_non_tensor(td, use_dynamic_bsz=False, micro_batch_size_per_gpu=2)
@@ -54,27 +56,35 @@ class FakeActorGroup:
         return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": {"mfu": 0.0, "loss": float(loss)}})
 
 
+def teacher_cfg(models, p) -> TeacherWorkerConfig:
+    return TeacherWorkerConfig(**{**p.teacher_worker, "model_path": models["teacher_path"], "param_dtype": "float32"})
+
+
 def make_trainer(models, *overrides):
     with initialize_config_dir(config_dir=RECIPE_DIR, version_base=None):
         cfg = compose("ta_opd_trainer", overrides=["ta_opd.teacher_topk=12", "ta_opd.topk=4", "data.train_batch_size=2",
-                                                   "actor_rollout_ref.rollout.n=4", *overrides])
+                                                   "actor_rollout_ref.rollout.n=4", "ta_opd.teacher.n_gpus_per_node=2",
+                                                   *overrides])
     ta = ta_config(cfg.ta_opd)
     p = plan(cfg, ta, student_path="s", teacher_path="t", vocab_size=VOCAB)
     trainer = object.__new__(TAOPDRayTrainer)  # the hooks only; init_workers needs GPUs
     trainer.config, trainer.ta_cfg, trainer.global_steps, trainer._ta_metrics = cfg, ta, 7, {}
-    trainer.distillation_config = None
-    trainer.ta = VerlSettings(teacher_backend="fsdp", vocab_size=VOCAB, teacher_worker=p.teacher_worker,
+    trainer.ta = VerlSettings(teacher_backend=p.teacher_backend, vocab_size=VOCAB, teacher_worker=p.teacher_worker,
                               loss_mode=p.loss_mode, wandb_histogram=False)
-    tcfg = TeacherWorkerConfig(**{**p.teacher_worker, "model_path": models["teacher_path"], "param_dtype": "float32"})
-    trainer.ta_teacher_wg = FakeTeacherGroup(models["teacher"], tcfg)
-    dist = omega_conf_to_dataclass(OmegaConf.create(p.actor_distillation))
+    if p.teacher_backend == "fsdp":
+        trainer.distillation_config = None  # verl's global switch is off: no vLLM teacher
+        trainer.ta_teacher_wg = FakeTeacherGroup(models["teacher"], teacher_cfg(models, p))
+        dist = omega_conf_to_dataclass(OmegaConf.create(p.actor_distillation))
+    else:  # verl's vLLM teacher: the distillation config is verl's own, built by its trainer
+        trainer.distillation_config = dist = omega_conf_to_dataclass(cfg.distillation)
+        trainer.ta_teacher_wg = None
     actor_cfg = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
-    trainer.actor_rollout_wg = FakeActorGroup(models["student"], make_actor_loss(actor_cfg, dist, ta, VOCAB))
-    return trainer
+    trainer.actor_rollout_wg = FakeActorGroup(models["student"], make_actor_loss(actor_cfg, dist, ta, VOCAB), p.loss_mode)
+    return trainer, p
 
 
 def test_hooks_run_the_step_and_restore_the_mask(models):
-    trainer = make_trainer(models, "ta_opd.budget=0.25")
+    trainer, _ = make_trainer(models, "ta_opd.budget=0.25")
     batch = DataProto.from_dict(tensors=rollout_batch(B=8, P=5, R=7, seed=4))
     old, _ = trainer._compute_old_log_prob(batch)
     for k in ("old_log_probs", "entropys", *(F.stat_key(n) for n in PositionStats.SCALARS)):
@@ -108,7 +118,7 @@ def test_rollouts_are_written_as_a_context_bank(models, tmp_path):
     from recipe.ta_opd.verl_backend.bank import bank_records
     from ta_opd.diagnose import bank
 
-    trainer = make_trainer(models)
+    trainer, _ = make_trainer(models)
     raw = rollout_batch(B=4, P=5, R=7, seed=5)
     batch = DataProto.from_dict(tensors=raw, non_tensors={
         "extra_info": [{"index": i // 2} for i in range(4)], "reward_model": [{"ground_truth": "42"}] * 4})
@@ -140,3 +150,25 @@ def test_wandb_histogram_of_scores_when_a_run_is_active(monkeypatch):
     fake.run = object()
     log_score_histogram(torch.tensor([0.5, 0.25]), step=3)
     assert logged == [({"ta_opd/score_hist": ("hist", [0.5, 0.25])}, 3, False)]
+
+
+def test_vllm_teacher_backend_step(models):
+    """teacher.backend=vllm: the top-K' arrives with the rollout (verl's agent loop); the driver
+    derives log π_T(y_t), the statistics pass and verl's update (global distillation switch on, a
+    top-K loss mode, so verl alone would skip the log-probs the PG loss needs) run the PG loss."""
+    trainer, p = make_trainer(models, "ta_opd.teacher.backend=vllm", "ta_opd.budget=0.5")
+    assert p.loss_mode == "ta_opd_pg_topk"
+    raw = rollout_batch(B=8, P=5, R=7, seed=6)
+    shipped = compute_teacher_fields(models["teacher"], raw, teacher_cfg(models, p))
+    batch = DataProto.from_dict(tensors={**raw, F.TEACHER_IDS: shipped[F.TEACHER_IDS],
+                                         F.TEACHER_LOGPROBS: shipped[F.TEACHER_LOGPROBS]})
+    old, _ = trainer._compute_old_log_prob(batch)
+    assert "ta_opd/teacher/sampled_missing_fraction" in trainer._ta_metrics
+    batch = batch.union(old)
+    out = trainer._update_actor(batch)
+    seen = trainer.actor_rollout_wg.seen
+    kept = seen["response_mask"].bool()
+    inp = LossInputs(mask=kept, log_prob=batch.batch["old_log_probs"], old_log_prob=batch.batch["old_log_probs"],
+                     teacher_log_prob=batch.batch[F.TEACHER_LOGP])
+    torch.testing.assert_close(seen["loss"], compute_loss("pg_opd", inp).loss, atol=1e-5, rtol=1e-4)
+    assert out.meta_info["metrics"]["ta_opd/kept_ratio"] == pytest.approx(0.5, abs=0.05)

@@ -38,16 +38,12 @@ class TAOPDActorRolloutRefWorker(ActorRolloutRefWorker):
             inner = self.loss_fn  # partial(distillation_ppo_loss, config=..., distillation_config=...)
             dcfg = inner.keywords["distillation_config"]
             self.ta_loss_mode = dcfg.distillation_loss.loss_mode
-            self.ta_topk_update = dcfg.distillation_loss.loss_settings.use_topk
             self.loss_fn = L.make_actor_loss(inner.keywords["config"], dcfg, self.ta_cfg, self.VOCAB_SIZE)
             self.actor.set_loss_fn(self.loss_fn)
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def update_actor(self, data):
-        # With the FSDP teacher verl's global distillation switch is off (no vLLM teacher), so the
-        # driver's update flags say "no top-K"; the top-K losses need their logits processor.
-        if self.ACTOR_DISTILLATION is not None and self.ta_topk_update:
-            tu.assign_non_tensor(data, distillation_use_topk=True, distillation_only=True)
+        tu.assign_non_tensor(data, **L.update_flags(self.ta_loss_mode))  # see update_flags
         return super().update_actor(data)
 
 

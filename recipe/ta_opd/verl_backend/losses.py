@@ -156,6 +156,15 @@ def topk_kl_outputs(student_logits: torch.Tensor, data, cfg: TAConfig, vocab_siz
     return {TOPK_KL_OUTPUT: out.index_put((torch.zeros_like(rows), rows), kl)}
 
 
+def update_flags(loss_mode: str) -> dict[str, bool]:
+    """The engine flags of the update forward for a registered loss mode. verl derives them from its
+    global distillation switch and the loss's top-K setting, which fits neither of our cases: the
+    PG losses need the current log-probs (verl would skip them for a top-K loss without policy
+    gradient) and no logits processor; the top-K losses need the processor and nothing else."""
+    topk = loss_mode in (FORWARD_KL, REVERSE_KL)
+    return {"distillation_use_topk": topk, "distillation_only": topk}
+
+
 def ta_opd_actor_loss(*, inner, cfg: TAConfig, vocab_size: int, loss_mode: str, model_output=None, data=None,
                       dp_group=None, student_logits=None, data_format: str = "thd"):
     """The actor's loss function (see module docstring); ``inner`` is verl's distillation loss."""
