@@ -27,17 +27,15 @@ REPO_ROOT = str(Path(__file__).resolve().parents[3])
 
 class TAOPDTaskRunner(BaseTaskRunner):
     def add_actor_rollout_worker(self, config):
-        from verl.single_controller.ray import RayWorkerGroup
+        from verl.trainer.ppo.utils import Role
 
         from recipe.ta_opd.verl_backend.actor import actor_worker_class
 
-        from verl.trainer.ppo.utils import Role
-
-        super().add_actor_rollout_worker(config)
+        _, wg_cls = super().add_actor_rollout_worker(config)
         role = Role.ActorRolloutRef if Role.ActorRolloutRef in self.role_worker_mapping else Role.ActorRollout
         cls = actor_worker_class(self.plan.ta.__dict__, self.plan.vocab_size, self.plan.actor_distillation)
         self.role_worker_mapping[role] = ray.remote(cls)
-        return cls, RayWorkerGroup
+        return cls, wg_cls
 
     def init_resource_pool_mgr(self, config):
         from verl.trainer.ppo.utils import Role

@@ -24,6 +24,7 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 from recipe.ta_opd.verl_backend import fields as F
+from recipe.ta_opd.verl_backend.losses import update_flags
 from ta_opd.config import TAConfig
 from ta_opd.select import Selection, select_positions
 from ta_opd.stats import PositionStats
@@ -138,7 +139,7 @@ class TAOPDRayTrainer(RayPPOTrainer):
         metrics = {**self._ta_metrics, **sel.metrics, "ta_opd/timing/select_s": time.perf_counter() - t0}
         if self.ta.wandb_histogram:
             log_score_histogram(sel.scores[full_mask.bool()], int(self.global_steps))
-        if self.ta.loss_mode not in ("ta_opd_topk_forward_kl", "ta_opd_topk_reverse_kl"):
+        if not update_flags(self.ta.loss_mode)["distillation_use_topk"]:
             for key in (F.TEACHER_IDS, F.TEACHER_LOGPROBS):  # PG-OPD needs only log π_T(y_t)
                 batch.batch.pop(key, None)
         try:
