@@ -25,3 +25,11 @@ def test_real_mismatch_names_first_ids():
         shared_vocab_size(VOCAB, extra, student_logits=11, teacher_logits=11)
     with pytest.raises(TAConfigError, match="teacher has 9 logits, fewer than the tokenizer's 10 tokens"):
         shared_vocab_size(VOCAB, dict(VOCAB), student_logits=10, teacher_logits=9)
+
+
+def test_explicitly_allowed_ids_may_differ_but_must_exist():
+    other = dict(VOCAB)
+    other["x7"] = other.pop("t7")
+    assert shared_vocab_size(VOCAB, other, student_logits=10, teacher_logits=10, allowed_mismatch_ids={7}) == 10
+    with pytest.raises(TAConfigError, match=r"vocab_mismatch_ok_ids lists id\(s\) \[12\] that are not in both tokenizers"):
+        shared_vocab_size(VOCAB, other, student_logits=10, teacher_logits=10, allowed_mismatch_ids={7, 12})

@@ -92,7 +92,8 @@ def run_cpu(cfg: DictConfig, ta: TAConfig) -> dict:
         resume_mode=str(cfg.trainer.resume_mode), seed=int(ta.seed), eval_size=int(cfg.ta_opd.cpu.eval_size),
         project=str(cfg.trainer.project_name), experiment=str(cfg.trainer.experiment_name),
         loggers=tuple(cfg.trainer.logger), ta=ta,
-        rollout_dir=str(cfg.trainer.rollout_data_dir) if cfg.trainer.get("rollout_data_dir") else None)
+        rollout_dir=str(cfg.trainer.rollout_data_dir) if cfg.trainer.get("rollout_data_dir") else None,
+        vocab_mismatch_ok_ids=tuple(cfg.ta_opd.get("vocab_mismatch_ok_ids") or ()))
     if rc.total_steps < 1:
         raise TAConfigError(f"trainer.total_training_steps={rc.total_steps} is not allowed; it must be >= 1")
     if rc.resume_mode not in ("auto", "disable"):

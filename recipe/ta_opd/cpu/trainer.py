@@ -56,6 +56,7 @@ class CPURunConfig:
     loggers: tuple[str, ...]
     ta: TAConfig = field(default_factory=TAConfig)
     rollout_dir: str | None = None  # write each step's rollouts here (context-bank schema)
+    vocab_mismatch_ok_ids: tuple[int, ...] = ()  # token ids explicitly allowed to differ between tokenizers
 
 
 def _load(path: str):
@@ -71,7 +72,7 @@ class CPUTrainer:
         self.cfg, self.log = cfg, log
         self.student, self.tok = _load(cfg.student_path)
         self.teacher, t_tok = _load(cfg.teacher_path)
-        self.vocab_size = check_vocab(self.tok, t_tok, self.student, self.teacher)
+        self.vocab_size = check_vocab(self.tok, t_tok, self.student, self.teacher, cfg.vocab_mismatch_ok_ids)
         cfg.ta.check_vocab(self.vocab_size)
         self.train_rows = load_rows(cfg.train_file)
         self.val_rows = load_rows(cfg.val_file)[: cfg.eval_size]
@@ -216,8 +217,9 @@ class CPUTrainer:
         return summary
 
 
-def check_vocab(s_tok, t_tok, student, teacher) -> int:
+def check_vocab(s_tok, t_tok, student, teacher, allowed_mismatch_ids=()) -> int:
     """Teacher and student must share the tokenizer vocabulary; logit rows beyond it are padding
     and are sliced off (score_batch/update get vocab_size = len(tokenizer)). Returns V."""
     return shared_vocab_size(s_tok.get_vocab(), t_tok.get_vocab(), student_logits=student.config.vocab_size,
-                             teacher_logits=teacher.config.vocab_size)
+                             teacher_logits=teacher.config.vocab_size,
+                             allowed_mismatch_ids=frozenset(allowed_mismatch_ids))
