@@ -9,7 +9,9 @@ At hidden size 2,048, V = 151,936 and 4,096 positions (fp32 logits, 2.5 GB):
                        (target <= 0.5 GB); measured with Linux's peak-RSS reset (clear_refs)
   select_1M_s          normalization + budget selection + metrics for 1,048,576 positions,
                        the slowest selector (target <= 1.0 s)
-Also printed for reference: a naive chunked pass (full log_softmax per chunk, then gathers).
+Also printed for reference: a naive chunked pass (full log_softmax per chunk, then gathers), and
+the statistics pass through ``rows=`` (how the verl hook scores a packed tensor) relative to the
+contiguous pass.
 Timings are medians over --repeats runs. Usage: python benchmarks/bench_scoring.py [--quick]
 """
 
@@ -161,12 +163,16 @@ def main(argv=None) -> None:
     t_lsm = _median_time(lambda: torch.log_softmax(logits, dim=-1), a.repeats)
     t_stats = _median_time(stats_pass, a.repeats)
     t_naive = _median_time(lambda: naive_stats(logits, tk_ids, tk_logp, a.topk, 256), a.repeats)
+    rows = torch.arange(a.positions)  # the verl hook's path: rows of a packed tensor, gathered per chunk
+    t_rows = _median_time(lambda: sparse_position_stats(logits, tk_ids, tk_logp, topk=a.topk, chunk_size=a.chunk,
+                                                        rows=rows), a.repeats)
     mem = measure_memory_in_child(argv or [])
     st = stats_pass()
     print(f"lm_head matmul        {t_lmhead:8.3f} s")
     print(f"log_softmax           {t_lsm:8.3f} s")
     print(f"statistics pass       {t_stats:8.3f} s  (missing-id positions: {float((st.missing > 0).float().mean()):.2f})")
-    print(f"naive chunked pass    {t_naive:8.3f} s  (naive_vs_logsoftmax={t_naive / t_lsm:.2f})", flush=True)
+    print(f"naive chunked pass    {t_naive:8.3f} s  (naive_vs_logsoftmax={t_naive / t_lsm:.2f})")
+    print(f"statistics via rows=  {t_rows:8.3f} s  (stats_rows_vs_stats={t_rows / t_stats:.2f})", flush=True)
     del logits, hidden, st
     gc.collect()
 

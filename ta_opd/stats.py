@@ -362,7 +362,8 @@ def sparse_position_stats(
     s_logp_at_t = torch.empty_like(s_top_logp)
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
-        x = support.as_fp32(x2[a:b] if rows is None else x2[rows[a:b]], ws.get(0, b - a))
+        buf = ws.get(0, b - a)
+        x = support.as_fp32(x2[a:b], buf) if rows is None else support.rows_as_fp32(x2, rows[a:b], buf)
         log_z, out.H[a:b], s_top_val, out.s_ids[a:b] = _student_chunk(x, topk, entropy, a, ws)
         s_top_logp[a:b] = s_top_val - log_z.unsqueeze(-1)
         s_logp_at_t[a:b] = x.gather(-1, t_ids_all[a:b]) - log_z.unsqueeze(-1)

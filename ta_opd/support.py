@@ -31,6 +31,13 @@ def as_fp32(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     return buf.copy_(x)
 
 
+def rows_as_fp32(x: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """x[rows] as fp32 in buf: one gather straight into the buffer when x is fp32."""
+    if x.dtype == torch.float32:
+        return torch.index_select(x, 0, rows, out=buf)
+    return buf.copy_(x.index_select(0, rows))
+
+
 def _xlogy_dot(e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """sum_v e_v d_v per row, with 0 * (-inf) = 0 (masked logits). (n, V), (n, V) -> (n,)"""
     ed = torch.linalg.vecdot(e, d)  # (n,)

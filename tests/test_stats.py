@@ -201,3 +201,22 @@ def test_bad_inputs_raise():
         sparse_position_stats(s, ti[:2], tl[:2], topk=2)
     with pytest.raises(TAInputError, match="integer tensor"):
         sparse_position_stats(s, ti.float(), tl, topk=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_rows_score_a_packed_tensor_in_place(dtype):
+    """rows= (the verl hook's path: packed logits with prompt rows and logit padding columns)
+    gives exactly the statistics of the selected rows passed on their own."""
+    g = torch.Generator().manual_seed(3)
+    V, rows_total = 40, 23
+    packed = (torch.randn(1, rows_total, V + 6, generator=g) * 3).to(dtype)  # 6 padding columns
+    rows = torch.tensor([2, 3, 4, 9, 10, 17, 18, 19, 20])
+    t_logits = torch.randn(rows.numel(), V, generator=g) * 3
+    t_logp = torch.log_softmax(t_logits, -1).topk(12, dim=-1)
+    kw = dict(topk=4, chunk_size=4)
+    got = sparse_position_stats(packed[0, :, :V], t_logp.indices, t_logp.values, rows=rows, **kw)
+    want = sparse_position_stats(packed[0, rows, :V].contiguous(), t_logp.indices, t_logp.values, **kw)
+    for name in got.SCALARS:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    with pytest.raises(TAInputError, match=r"rows must index the 23 positions of student_logits; got range \[2, 23\]"):
+        sparse_position_stats(packed[0, :, :V], t_logp.indices, t_logp.values, rows=rows.clamp(min=2) + rows.eq(20) * 3, **kw)
