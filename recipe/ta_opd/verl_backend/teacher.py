@@ -162,4 +162,6 @@ class TATeacherWorker(Worker):
     def compute_teacher(self, data: DataProto) -> DataProto:
         batch = {k: data.batch[k] for k in F.TEACHER_INPUTS}
         out = compute_teacher_fields(self.model, batch, self.cfg, device=self.device)
+        if self.device == "cuda":  # hand cached blocks back: a colocated rollout/actor needs them next
+            torch.cuda.empty_cache()
         return DataProto.from_dict(tensors=out)
