@@ -60,6 +60,7 @@ def test_two_rank_fsdp2_group_equals_single_process(ray_cpu, teacher_path):
     info = wg.describe()
     assert [i["world_size"] for i in info] == [2, 2] and all(i["sharded"] for i in info)
     assert all(i["local_numel"] < i["full_numel"] for i in info)  # each rank holds a shard only
+    assert [i["read_checkpoint"] for i in info] == [True, False]  # one host copy: rank 0's, broadcast
     got = wg.compute_teacher(DataProto.from_dict(tensors=batch))
     want = compute_teacher_fields(load_teacher(teacher_path, torch.float32), batch, cfg)
     for k, v in want.items():

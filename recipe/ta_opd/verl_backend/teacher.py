@@ -2,7 +2,8 @@
 
 A verl single-controller ``Worker`` (``@register`` dispatch, ``RayWorkerGroup`` on its own
 resource pool). The teacher is sharded with torch FSDP2 (``fully_shard`` per decoder layer, then
-the root) across the pool's ranks; data parallelism is verl's DP_COMPUTE_PROTO split.
+the root) across the pool's ranks, built on the meta device and filled from rank 0's copy, so the
+host holds one full checkpoint, not one per rank; data parallelism is verl's DP_COMPUTE_PROTO split.
 
 Memory: the forward keeps only the logits that score response tokens (``logits_to_keep``), one
 micro-batch at a time, and ``ta_opd.teacher_outputs`` turns them into the shipped fields in
@@ -64,6 +65,33 @@ def load_teacher(path: str, dtype: torch.dtype) -> torch.nn.Module:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval().requires_grad_(False)
+    return model
+
+
+def load_sharded_teacher(path: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The teacher as FSDP2 shards with ONE full copy in host memory (rank 0's), not one per rank:
+    every rank builds the model on the meta device and shards it; rank 0 reads the checkpoint and
+    the shards are filled by broadcast. Buffers that are not in the state dict (e.g. rotary
+    frequencies) are broadcast from rank 0 too."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rank0 = dist.get_rank() == 0
+    full = load_teacher(path, dtype) if rank0 else None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    model.eval().requires_grad_(False)
+    shard_fsdp2(model, device)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if rank0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    full_buffers = dict(full.named_buffers()) if rank0 else {}
+    for name, buf in model.named_buffers():
+        if rank0:
+            buf.copy_(full_buffers[name])
+        dist.broadcast(buf, src=0)
+    del full
     return model
 
 
@@ -142,21 +170,25 @@ class TATeacherWorker(Worker):
             torch.distributed.init_process_group(backend=backend)
         if self.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        model = load_teacher(self.cfg.model_path, _dtype(self.cfg.param_dtype, "ta_opd.teacher.param_dtype"))
-        if self.cfg.fsdp and torch.distributed.get_world_size() > 1:
-            model = shard_fsdp2(model, self.device)
-        self.model = model.to(self.device)
+        dtype = _dtype(self.cfg.param_dtype, "ta_opd.teacher.param_dtype")
+        sharded = self.cfg.fsdp and torch.distributed.get_world_size() > 1
+        self.read_checkpoint = not sharded or torch.distributed.get_rank() == 0
+        if sharded:
+            self.model = load_sharded_teacher(self.cfg.model_path, dtype, self.device)
+        else:
+            self.model = load_teacher(self.cfg.model_path, dtype).to(self.device)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def describe(self) -> dict:
-        """This rank's view: world size, whether parameters are FSDP2 shards, local element count."""
+        """This rank's view: world size, whether parameters are FSDP2 shards, local element count,
+        whether it read the checkpoint from disk."""
         from torch.distributed.tensor import DTensor
 
         params = list(self.model.parameters())
         return {"world_size": torch.distributed.get_world_size(),
                 "sharded": all(isinstance(p, DTensor) for p in params),
                 "local_numel": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params),
-                "full_numel": sum(p.numel() for p in params)}
+                "full_numel": sum(p.numel() for p in params), "read_checkpoint": self.read_checkpoint}
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
     def compute_teacher(self, data: DataProto) -> DataProto:
