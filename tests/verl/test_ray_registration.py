@@ -54,14 +54,18 @@ from hydra import compose, initialize_config_dir
 from recipe.ta_opd.verl_backend.runner import REPO_ROOT, ray_runtime_env
 with initialize_config_dir(config_dir="{root}/recipe/ta_opd/config", version_base=None):
     cfg = compose("ta_opd_trainer")
-ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=ray_runtime_env(cfg))
 def probe():
     import sys
     from verl.trainer.distillation.losses import DISTILLATION_LOSS_REGISTRY
     return "ta_opd_pg" in DISTILLATION_LOSS_REGISTRY, REPO_ROOT in sys.path or REPO_ROOT in __import__("os").environ["PYTHONPATH"]
+ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # negative control: no runtime env
+print("PLAIN", ray.get(ray.remote(probe).remote())[0])
+ray.shutdown()
+ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=ray_runtime_env(cfg))
 print("PROBE", ray.get(ray.remote(probe).remote()))
 ray.shutdown()
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
-    assert "PROBE (True, True)" in out.stdout, out.stderr[-3000:]
+    assert "PLAIN False" in out.stdout, out.stderr[-3000:]  # a fresh worker has none of our losses...
+    assert "PROBE (True, True)" in out.stdout, out.stderr[-3000:]  # ...until the setup hook registers them
