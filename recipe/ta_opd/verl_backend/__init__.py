@@ -5,7 +5,8 @@
 - ``losses``: registrations with verl (distillation losses, policy loss) and the actor loss
   wrapper whose logits-processor call emits the TA statistics.
 - ``actor``: verl's ActorRolloutRefWorker with that wrapper installed.
-- ``trainer``: RayPPOTrainer with three hooks overridden (teacher + statistics, selection, mask).
+- ``trainer``: RayPPOTrainer with four methods overridden (teacher group, teacher + statistics,
+  selection + mask, rollout bank).
 - ``validate``: startup checks with clear errors.
 - ``runner``: the task runner and ``run_verl``.
 """

@@ -1,4 +1,4 @@
-"""The v0 ``RayPPOTrainer`` with three hooks overridden; ``fit()`` is verl's, untouched.
+"""The v0 ``RayPPOTrainer`` with four methods overridden; ``fit()`` is verl's, untouched.
 
 - ``init_workers``: verl's workers, plus the FSDP teacher worker group on the teacher pool.
 - ``_compute_old_log_prob``: teacher fields (FSDP worker group, or derived from verl's vLLM
@@ -8,6 +8,7 @@
   driver holds every data-parallel rank's rows, so selection is global by construction), the
   mask ANDed into ``response_mask`` for the update (verl counts the loss denominator from it),
   then verl's update; the TA metrics join the actor's.
+- ``_log_rollout_data``: verl's JSONL dump plus the rollouts as a diagnostic context bank.
 """
 
 from __future__ import annotations
