@@ -118,8 +118,9 @@ def memory_child(a) -> None:
     print(f"PEAK_EXTRA_GB={gb:.6f}")
 
 
-def measure_memory_in_child(argv: list[str]) -> float:
-    res = subprocess.run([sys.executable, __file__, *argv, "--mem-child"], capture_output=True, text=True, check=True)
+def measure_memory_in_child(argv: list[str], script: str = __file__) -> float:
+    """Run ``script`` with ``--mem-child`` in a fresh process and read the PEAK_EXTRA_GB it prints."""
+    res = subprocess.run([sys.executable, script, *argv, "--mem-child"], capture_output=True, text=True, check=True)
     for line in res.stdout.splitlines():
         if line.startswith("PEAK_EXTRA_GB="):
             return float(line.split("=", 1)[1])

@@ -13,14 +13,13 @@ Usage: python benchmarks/bench_teacher.py [--quick] [--chunk 64]
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scoring import _median_time, peak_extra_gb  # noqa: E402
+from bench_scoring import _median_time, measure_memory_in_child, peak_extra_gb  # noqa: E402
 
 from ta_opd.teacher_outputs import teacher_outputs  # noqa: E402
 
@@ -59,8 +58,7 @@ def main(argv=None) -> None:
     t_lsm = _median_time(lambda: torch.log_softmax(logits, dim=-1), a.repeats)
     t_teacher = _median_time(lambda: teacher_outputs(logits, sampled, topk=a.teacher_topk, chunk_size=a.chunk),
                              a.repeats)
-    res = subprocess.run([sys.executable, __file__, *argv, "--mem-child"], capture_output=True, text=True, check=True)
-    mem = float(next(l for l in res.stdout.splitlines() if l.startswith("PEAK_EXTRA_GB=")).split("=", 1)[1])
+    mem = measure_memory_in_child(argv, __file__)
     full_gb = a.positions * a.vocab * 4 / 1024**3
     shipped_mb = a.positions * (a.teacher_topk * 8 + 8) / 1024**2
     print(f"log_softmax   {t_lsm:8.3f} s\nteacher pass  {t_teacher:8.3f} s")

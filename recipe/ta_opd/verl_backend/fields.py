@@ -1,5 +1,5 @@
-"""Batch field names shared by the driver, the teacher worker group and the actor, and the
-conversions between verl's layouts and the (B, T) response grid ``ta_opd`` works on."""
+"""Batch field names shared by the driver, the teacher worker group and the actor, and where a
+micro-batch's response rows sit in verl's packed (no-padding) layout."""
 
 from __future__ import annotations
 
@@ -38,10 +38,3 @@ def response_rows(data) -> torch.Tensor:
     mask = data["response_mask"]
     mask = mask.to_padded_tensor(0) if mask.is_nested else mask
     return grid[mask.bool()]
-
-
-def to_grid(values: torch.Tensor, data) -> torch.Tensor:
-    """A per-token model output (nested or (nnz,)) -> (B, R) response grid (verl's mapping)."""
-    from verl.workers.utils.padding import no_padding_2_padding
-
-    return no_padding_2_padding(values, data)

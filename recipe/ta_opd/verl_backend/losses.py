@@ -36,6 +36,7 @@ from verl.trainer.distillation.losses import (
 )
 from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
+from verl.workers.utils.padding import no_padding_2_padding
 
 from recipe.ta_opd.verl_backend import fields as F
 from ta_opd.config import TAConfig
@@ -61,7 +62,7 @@ def _padded(x: torch.Tensor, fill=0.0) -> torch.Tensor:
 
 def _pg_opd(config, distillation_config, model_output: dict, data) -> tuple[torch.Tensor, dict[str, Any]]:
     """(B, R) per-token PG-OPD surrogate; gradient through the current log-probs."""
-    log_prob = F.to_grid(model_output["log_probs"], data)  # (B, R)
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)  # (B, R)
     old = _padded(data["old_log_probs"]).to(log_prob.dtype)
     teacher = _padded(data[F.TEACHER_LOGP]).to(log_prob.dtype)
     mask = _padded(data["response_mask"], 0).bool()
@@ -79,7 +80,7 @@ def _pg_opd(config, distillation_config, model_output: dict, data) -> tuple[torc
 
 
 def _topk_kl(config, distillation_config, model_output: dict, data) -> tuple[torch.Tensor, dict[str, Any]]:
-    per_token = F.to_grid(model_output[TOPK_KL_OUTPUT], data)
+    per_token = no_padding_2_padding(model_output[TOPK_KL_OUTPUT], data)
     mask = _padded(data["response_mask"], 0).bool()
     n = mask.sum().clamp_min(1)
     return per_token, {"ta_opd/loss/topk_kl": Metric(AggregationType.MEAN, torch.where(mask, per_token, 0.0).detach().sum() / n)}
