@@ -3,8 +3,9 @@
     python launch/make_smoke_pair.py OUT_DIR
 
 Writes OUT_DIR/{student,teacher} (random-init Qwen3 models built from config, sharing the toy
-character tokenizer; both have 17 logit padding rows beyond its 399 tokens, so the run exercises
-the vocabulary slicing) and OUT_DIR/data/{train,val}.parquet (the toy addition task, verl's RL
+character tokenizer; the student has exactly the tokenizer's 399 logit rows, so its rollout never
+samples an id outside the tokenizer; the teacher has 17 padding rows beyond them, so the run
+exercises the vocabulary slicing) and OUT_DIR/data/{train,val}.parquet (the toy addition task, verl's RL
 layout). Head dim 64 keeps vLLM's attention kernels on a supported size. The models are untrained:
 the smoke run checks the pipeline (rollout, teacher, statistics, selection, update, checkpoint),
 not learning.
@@ -21,7 +22,7 @@ ARCH = {
     "teacher": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=64),
 }
-LOGIT_ROWS = 416  # 399 tokens + 17 padding rows
+LOGIT_ROWS = {"student": 399, "teacher": 416}  # the tokenizer's 399 tokens; the teacher + 17 padding rows
 
 
 def build(out: Path, n_train: int = 512, n_val: int = 64, seed: int = 0) -> dict[str, str]:
@@ -33,10 +34,11 @@ def build(out: Path, n_train: int = 512, n_val: int = 64, seed: int = 0) -> dict
     from ta_opd.toy.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
+    assert len(tok) == LOGIT_ROWS["student"], f"toy tokenizer has {len(tok)} tokens, the smoke student {LOGIT_ROWS}"
     paths = {}
     for i, (role, arch) in enumerate(ARCH.items()):
         torch.manual_seed(seed + i)
-        cfg = Qwen3Config(vocab_size=LOGIT_ROWS, max_position_embeddings=512, tie_word_embeddings=False,
+        cfg = Qwen3Config(vocab_size=LOGIT_ROWS[role], max_position_embeddings=512, tie_word_embeddings=False,
                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                           **arch)
         path = out / role

@@ -130,9 +130,7 @@ def test_tokenizer_check_accepts_padding_rows_and_names_a_real_mismatch(tmp_path
     assert model_vocab(student, other, [bad_id]) == 399  # explicitly accepted by the user
 
 
-def test_verls_own_batch_checks_run_at_startup():
-    cfg = compose_from(RECIPE_DIR, "ta_opd_trainer", "data.train_batch_size=3", "actor_rollout_ref.rollout.n=1",
-                       "trainer.n_gpus_per_node=2")
-    with pytest.raises(TAConfigError, match=r"verl rejects the configuration: real_train_batch_size \(3\) must be "
-                                            r"divisible by minimal possible batch size \(2\)"):
+def test_verls_own_config_checks_run_at_startup():
+    cfg = compose_from(RECIPE_DIR, "ta_opd_trainer", "actor_rollout_ref.actor.ppo_micro_batch_size=2")
+    with pytest.raises(TAConfigError, match=r"verl rejects the configuration: .*ppo_micro_batch_size"):
         plan(cfg, ta_config(cfg.ta_opd), student_path="s", teacher_path="t", vocab_size=QWEN_V)

@@ -37,16 +37,25 @@ def smoke_dir(tmp_path_factory):
 
 def test_smoke_script_validates_without_a_gpu(smoke_dir):
     out = _run(["bash", "launch/smoke_1gpu.sh", "ta_opd.dry_run=true"], {"SMOKE_DIR": str(smoke_dir), "PYTHON": PY})
-    assert "teacher fsdp (colocated with the trainer), loss ta_opd_pg, shared vocabulary 399" in out
+    assert "trainer pool [1], teacher fsdp (colocated with the trainer), loss ta_opd_pg, shared vocabulary 399" in out
     assert "dry run: configuration valid" in out
 
 
 def test_single_node_script_validates_a_paper_config(smoke_dir):
     env = {"PYTHON": PY, "STUDENT_MODEL": str(smoke_dir / "student"), "TEACHER_MODEL": str(smoke_dir / "teacher"),
            "TRAIN_FILES": str(smoke_dir / "data" / "train.parquet"), "VAL_FILES": str(smoke_dir / "data" / "val.parquet"),
-           "TRAIN_GPUS": "6", "TEACHER_GPUS": "2"}
+           "NODE_GPUS": "8", "TEACHER_GPUS": "2"}
     out = _run(["bash", "launch/single_node.sh", "ta_opd.dry_run=true", "ta_opd.budget=0.05"], env)
-    assert "teacher fsdp (pool [2]), loss ta_opd_pg, shared vocabulary 399, K=16, K'=64, rho=0.05" in out
+    assert ("allocation 1 x 8 GPUs (trainer.nnodes x n_gpus_per_node) -> trainer pool [6], teacher fsdp (pool [2]), "
+            "loss ta_opd_pg, shared vocabulary 399, K=16, K'=64, rho=0.05") in out
+
+
+def test_slurm_script_refuses_node_count_overrides():
+    """The allocation decides the node counts; a user's trainer.nnodes used to win silently."""
+    out = subprocess.run(["bash", "launch/slurm_ta_opd.sbatch", "trainer.nnodes=8"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    assert "'trainer.nnodes=8' is set by this script from the allocation" in out.stderr
 
 
 @pytest.mark.parametrize("overrides, message", [

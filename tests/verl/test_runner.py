@@ -14,7 +14,7 @@ from tests.verl.test_configs import RECIPE_DIR
 
 def _runner(*overrides):
     with initialize_config_dir(config_dir=RECIPE_DIR, version_base=None):
-        cfg = compose("ta_opd_trainer", overrides=["trainer.nnodes=2", "trainer.n_gpus_per_node=4", *overrides])
+        cfg = compose("ta_opd_trainer", overrides=["trainer.n_gpus_per_node=4", *overrides])
     runner = TAOPDTaskRunner()
     runner.plan = plan(cfg, ta_config(cfg.ta_opd), student_path="s", teacher_path="t", vocab_size=151936)
     runner.add_actor_rollout_worker(cfg)
@@ -22,10 +22,12 @@ def _runner(*overrides):
     return runner, runner.init_resource_pool_mgr(cfg)
 
 
+# trainer.nnodes counts ALL nodes of the run: 3 x 4 GPUs with a 1-node teacher leaves [4, 4] for the trainer
 @pytest.mark.parametrize("overrides, pool, spec", [
-    (["ta_opd.teacher.nnodes=1", "ta_opd.teacher.n_gpus_per_node=2"], TEACHER_POOL, [2]),
-    (["ta_opd.teacher.colocate=true"], "global_pool", [4, 4]),
-    (["ta_opd.teacher.backend=vllm", "ta_opd.teacher.nnodes=1", "ta_opd.teacher.n_gpus_per_node=4"], "teacher_pool", [4]),
+    (["trainer.nnodes=3", "ta_opd.teacher.nnodes=1", "ta_opd.teacher.n_gpus_per_node=4"], TEACHER_POOL, [4]),
+    (["trainer.nnodes=2", "ta_opd.teacher.colocate=true"], "global_pool", [4, 4]),
+    (["trainer.nnodes=3", "ta_opd.teacher.backend=vllm", "ta_opd.teacher.nnodes=1", "ta_opd.teacher.n_gpus_per_node=4"],
+     "teacher_pool", [4]),
 ])
 def test_roles_and_pools(overrides, pool, spec):
     runner, mgr = _runner(*overrides)

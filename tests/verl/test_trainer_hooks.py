@@ -63,7 +63,8 @@ def teacher_cfg(models, p) -> TeacherWorkerConfig:
 def make_trainer(models, *overrides):
     with initialize_config_dir(config_dir=RECIPE_DIR, version_base=None):
         cfg = compose("ta_opd_trainer", overrides=["ta_opd.teacher_topk=12", "ta_opd.topk=4", "data.train_batch_size=2",
-                                                   "actor_rollout_ref.rollout.n=4", "ta_opd.teacher.n_gpus_per_node=2",
+                                                   "actor_rollout_ref.rollout.n=4", "trainer.n_gpus_per_node=4",
+                                                   "ta_opd.teacher.n_gpus_per_node=2",
                                                    *overrides])
     ta = ta_config(cfg.ta_opd)
     p = plan(cfg, ta, student_path="s", teacher_path="t", vocab_size=VOCAB)

@@ -22,6 +22,8 @@ from recipe.ta_opd.verl_backend.validate import VerlPlan
 
 TEACHER_POOL = "ta_opd_teacher_pool"
 SETUP_HOOK = "recipe.ta_opd.verl_backend.losses.register_all"
+# tests only: a hook that calls SETUP_HOOK and then registers more (tests/verl/cpu_fit/setup.py)
+SETUP_HOOK_ENV = "TA_OPD_WORKER_SETUP_HOOK"
 REPO_ROOT = str(Path(__file__).resolve().parents[3])
 
 
@@ -90,14 +92,20 @@ def ray_runtime_env(config) -> dict:
     env.setdefault("env_vars", {})
     paths = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO_ROOT]
     env["env_vars"]["PYTHONPATH"] = os.pathsep.join(paths)
-    env["worker_process_setup_hook"] = SETUP_HOOK
+    env["worker_process_setup_hook"] = os.environ.get(SETUP_HOOK_ENV) or SETUP_HOOK
     return {k: v for k, v in env.items() if v is not None}  # e.g. verl's py_executable: null
 
 
 def run_verl(config, plan: VerlPlan) -> None:
+    from verl.plugin.platform.platform_manager import get_platform
+
+    from recipe.ta_opd.verl_backend.validate import check_cluster
+
     if not ray.is_initialized():
         kwargs = OmegaConf.to_container(config.ray_kwargs.get("ray_init", {}), resolve=True)
         kwargs["runtime_env"] = ray_runtime_env(config)
         ray.init(**kwargs)
+    if plan.pools is not None:  # before any data or model is loaded
+        check_cluster(plan.pools, ray.nodes(), get_platform().ray_resource_name())
     runner = ray.remote(num_cpus=1)(TAOPDTaskRunner).remote()
     ray.get(runner.run.remote(config, plan))

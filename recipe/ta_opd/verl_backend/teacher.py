@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -50,11 +51,12 @@ class TeacherWorkerConfig:
     param_dtype: str = "bfloat16"
     logp_dtype: str = "float32"  # dtype of the shipped top-K' log-probs
     fsdp: bool = True  # shard with FSDP2 when the group has more than one rank
+    timeout_s: int = 3600  # process-group timeout: rank 0 reads (or downloads) the checkpoint before the first collective
 
     def __post_init__(self):
         _dtype(self.param_dtype, "ta_opd.teacher.param_dtype")
         _dtype(self.logp_dtype, "ta_opd.teacher.logp_dtype")
-        for name in ("topk", "micro_batch_size", "chunk_size", "vocab_size"):
+        for name in ("topk", "micro_batch_size", "chunk_size", "vocab_size", "timeout_s"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise TAConfigError(f"teacher {name}={v!r} is not allowed; it must be an integer >= 1")
@@ -121,7 +123,11 @@ def compute_teacher_fields(model: torch.nn.Module, batch: dict[str, torch.Tensor
     B, S = input_ids.shape
     R = responses.shape[1]
     P = S - R
-    valid = batch["response_mask"].bool()
+    # a sampled id outside the shared vocabulary (the rollout samples over every logit row, padding
+    # rows included) has no teacher probability: such positions get no teacher fields; the driver
+    # has already taken them out of selection and the loss (ta_opd/invalid_sampled_fraction)
+    valid = batch["response_mask"].bool() & (responses < cfg.vocab_size)
+    safe_ids = torch.where(valid, responses, torch.zeros_like(responses))  # (B, R) in [0, V)
     logp_dtype = _dtype(cfg.logp_dtype, "ta_opd.teacher.logp_dtype")
     out = {
         F.TEACHER_IDS: torch.zeros(B, S, cfg.topk, dtype=torch.int32),
@@ -142,7 +148,7 @@ def compute_teacher_fields(model: torch.nn.Module, batch: dict[str, torch.Tensor
             if not bool(vi.any()):
                 continue
             n = int(vi.nonzero().max()) + 1  # a view up to the last valid position: no (N, V) copy
-            tout = teacher_outputs(logits[i, :n], responses[a + i, :n].to(logits.device), topk=cfg.topk,
+            tout = teacher_outputs(logits[i, :n], safe_ids[a + i, :n].to(logits.device), topk=cfg.topk,
                                    chunk_size=cfg.chunk_size, logp_dtype=logp_dtype)
             keep = vi[:n]
             row = slice(P - 1, P - 1 + n)
@@ -167,7 +173,7 @@ class TATeacherWorker(Worker):
     def init_model(self) -> None:
         if not torch.distributed.is_initialized():
             backend = "cpu:gloo,cuda:nccl" if self.device == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend=backend)
+            torch.distributed.init_process_group(backend=backend, timeout=timedelta(seconds=self.cfg.timeout_s))
         if self.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dtype = _dtype(self.cfg.param_dtype, "ta_opd.teacher.param_dtype")

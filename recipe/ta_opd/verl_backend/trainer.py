@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from verl import DataProto
+from verl.protocol import DataProtoConfig
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 from verl.trainer.ppo.utils import Role
 from verl.utils import tensordict_utils as tu
@@ -56,15 +57,42 @@ def teacher_logp_from_topk(batch: DataProto, vocab_size: int) -> dict[str, float
     return {"ta_opd/teacher/sampled_missing_fraction": float((~known).float().mean()) if known.numel() else 0.0}
 
 
-def apply_selection(batch: DataProto, cfg: TAConfig, step: int) -> tuple[Selection, torch.Tensor]:
-    """Pop the statistics fields, select over the whole batch, AND the mask into response_mask.
-    Returns the selection and the original response_mask (to restore after the update)."""
-    stats = PositionStats.from_scalars({n: batch.batch.pop(F.stat_key(n)) for n in PositionStats.SCALARS})
+def exclude_invalid_sampled(batch: DataProto, vocab_size: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Take positions whose sampled id lies outside the shared vocabulary out of ``response_mask``.
+
+    The rollout engine samples over every logit row, padding rows included (a Qwen student at
+    temperature 1 can sample an unused row; an untrained one does so often). Such a token has no
+    teacher probability, so its position leaves the statistics, selection and the loss; the
+    context keeps it. Returns the original response_mask (to restore after the update) and
+    ``ta_opd/invalid_sampled_fraction`` (over valid response positions)."""
     full = batch.batch["response_mask"]
     valid = full.bool()
+    invalid = valid & (batch.batch["responses"] >= vocab_size)  # (B, R)
+    if bool(invalid.any()):
+        batch.batch["response_mask"] = (valid & ~invalid).to(full.dtype)
+    frac = float(invalid.sum()) / max(int(valid.sum()), 1)  # max: an all-padding batch has no valid position
+    return full, {"ta_opd/invalid_sampled_fraction": frac}
+
+
+def teacher_request(batch: DataProto) -> DataProto:
+    """What the FSDP teacher group is sent: tensors only, with verl's auto-padding on, so the batch
+    is padded to a multiple of the group's ranks and the padding dropped from the output (every
+    rank runs the same number of forwards, as FSDP2's collectives need); any teacher pool size
+    then works with any batch size."""
+    inputs = batch.select(batch_keys=list(F.TEACHER_INPUTS), non_tensor_batch_keys=[])
+    inputs.meta_info[DataProtoConfig.auto_padding_key] = True
+    return inputs
+
+
+def apply_selection(batch: DataProto, cfg: TAConfig, step: int) -> tuple[Selection, torch.Tensor]:
+    """Pop the statistics fields, select over the whole batch, AND the mask into response_mask.
+    Returns the selection and the response_mask it selected from (the valid positions I)."""
+    stats = PositionStats.from_scalars({n: batch.batch.pop(F.stat_key(n)) for n in PositionStats.SCALARS})
+    current = batch.batch["response_mask"]
+    valid = current.bool()
     sel = select_positions(stats, valid, cfg, step)
-    batch.batch["response_mask"] = (valid & sel.mask).to(full.dtype)
-    return sel, full
+    batch.batch["response_mask"] = (valid & sel.mask).to(current.dtype)
+    return sel, current
 
 
 def log_score_histogram(scores: torch.Tensor, step: int) -> None:
@@ -84,6 +112,7 @@ class TAOPDRayTrainer(RayPPOTrainer):
         self.ta = ta_settings
         self.ta_teacher_wg = None
         self._ta_metrics: dict[str, float] = {}
+        self._ta_response_mask: torch.Tensor | None = None  # this step's response_mask before TA changed it
 
     def init_workers(self):
         super().init_workers()
@@ -110,11 +139,10 @@ class TAOPDRayTrainer(RayPPOTrainer):
         write_step(rollout_data_dir, int(self.global_steps), bank_records(batch, decode, int(self.global_steps)))
 
     def _compute_old_log_prob(self, batch: DataProto):
-        metrics: dict[str, float] = {}
         t0 = time.perf_counter()
+        self._ta_response_mask, metrics = exclude_invalid_sampled(batch, self.ta.vocab_size)
         if self.ta.teacher_backend == "fsdp":
-            inputs = batch.select(batch_keys=list(F.TEACHER_INPUTS), non_tensor_batch_keys=[])
-            teacher = self.ta_teacher_wg.compute_teacher(inputs)
+            teacher = self.ta_teacher_wg.compute_teacher(teacher_request(batch))
             batch.batch.update(teacher.batch)
         else:  # vLLM teacher: top-K' arrived with the rollout
             metrics.update(teacher_logp_from_topk(batch, self.ta.vocab_size))
@@ -136,10 +164,12 @@ class TAOPDRayTrainer(RayPPOTrainer):
 
     def _update_actor(self, batch: DataProto) -> DataProto:
         t0 = time.perf_counter()
-        sel, full_mask = apply_selection(batch, self.ta_cfg, step=int(self.global_steps))
+        full_mask = self._ta_response_mask if self._ta_response_mask is not None else batch.batch["response_mask"]
+        self._ta_response_mask = None
+        sel, valid = apply_selection(batch, self.ta_cfg, step=int(self.global_steps))  # valid: the positions I
         metrics = {**self._ta_metrics, **sel.metrics, "ta_opd/timing/select_s": time.perf_counter() - t0}
         if self.ta.wandb_histogram:
-            log_score_histogram(sel.scores[full_mask.bool()], int(self.global_steps))
+            log_score_histogram(sel.scores[valid.bool()], int(self.global_steps))
         if not update_flags(self.ta.loss_mode)["distillation_use_topk"]:
             for key in (F.TEACHER_IDS, F.TEACHER_LOGPROBS):  # PG-OPD needs only log π_T(y_t)
                 batch.batch.pop(key, None)

@@ -2,15 +2,19 @@
 
 Everything a user can get wrong fails here with a message naming the key and what is allowed:
 teacher backend, K < V and K' >= K, the tokenizers' shared vocabulary (padding-row differences
-are sliced off; real mismatches name the first ids), pool sizes, and the verl options the
-statistics hook cannot work with (fused kernels, sequence parallelism, padded inputs).
+are sliced off; real mismatches name the first ids), the split of the allocation into trainer
+and teacher pools (``trainer.nnodes`` counts ALL nodes of the run), every divisibility verl's step
+asserts, and the verl options the statistics hook cannot work with (fused kernels, sequence
+parallelism, padded inputs, bypass mode).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipe.ta_opd.verl_backend.losses import LOSS_MODES
@@ -30,12 +34,133 @@ class VerlPlan:
     teacher_worker: dict  # TeacherWorkerConfig fields
     teacher_pool: list[int] | None  # GPUs per node of the teacher pool; None = colocated on the trainer's pool
     actor_distillation: dict | None  # fsdp backend: the actor-only distillation config
+    pools: Pools | None = None  # the allocation and its split into trainer and teacher pools
 
 
 def _positive_int(value, key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise TAConfigError(f"{key}={value!r} is not allowed; it must be an integer >= 1")
     return value
+
+
+@dataclass(frozen=True)
+class Pools:
+    """How the allocation ``trainer.nnodes x trainer.n_gpus_per_node`` (ALL the nodes of the run) is
+    split: the teacher pool takes ``ta_opd.teacher.nnodes x n_gpus_per_node`` of it (whole nodes,
+    or part of a single node); the trainer pool (vLLM rollout + FSDP actor) gets the rest. A
+    colocated teacher shares the trainer's GPUs."""
+
+    total: tuple[int, int]  # (nodes, GPUs per node) of the whole allocation
+    trainer: list[int]  # GPUs per node of the trainer pool (verl's resource-pool spec)
+    teacher: list[int] | None  # GPUs per node of the teacher pool; None = colocated on the trainer's
+
+    @property
+    def gpus(self) -> int:
+        """GPUs (accelerators) the run asks Ray for."""
+        return sum(self.trainer) + sum(self.teacher or [])
+
+
+def split_allocation(nnodes: int, gpus_per_node: int, teacher_nnodes: int, teacher_gpus: int, colocate: bool) -> Pools:
+    total = (nnodes, gpus_per_node)
+    if colocate:
+        return Pools(total, [gpus_per_node] * nnodes, None)
+    where = (f"trainer.nnodes x trainer.n_gpus_per_node = {nnodes} x {gpus_per_node} (the whole allocation) with "
+             f"ta_opd.teacher.nnodes x n_gpus_per_node = {teacher_nnodes} x {teacher_gpus}")
+    if teacher_gpus == gpus_per_node:  # the teacher takes whole nodes
+        if teacher_nnodes >= nnodes:
+            raise TAConfigError(f"{where} leaves no node for rollout and training; trainer.nnodes counts ALL nodes "
+                                f"of the run, so give trainer.nnodes >= {teacher_nnodes + 1} or fewer teacher nodes")
+        return Pools(total, [gpus_per_node] * (nnodes - teacher_nnodes), [teacher_gpus] * teacher_nnodes)
+    if nnodes == 1 and teacher_nnodes == 1 and teacher_gpus < gpus_per_node:  # one node, split by GPUs
+        return Pools(total, [gpus_per_node - teacher_gpus], [teacher_gpus])
+    raise TAConfigError(f"{where} is not a split this recipe supports: the teacher pool is either whole nodes "
+                        f"(ta_opd.teacher.n_gpus_per_node={gpus_per_node}, fewer nodes than trainer.nnodes) or, on a "
+                        f"single node (trainer.nnodes=1, ta_opd.teacher.nnodes=1), fewer GPUs than the node's "
+                        f"{gpus_per_node}; or set ta_opd.teacher.colocate=true")
+
+
+def _suggest_batch(prompts: int, n: int, divisor: int) -> str:
+    """Nearest data.train_batch_size values whose rollout batch (x n) is divisible by ``divisor``."""
+    step = divisor // math.gcd(divisor, n)  # train_batch_size must be a multiple of this
+    lo, hi = (prompts // step) * step, -(-prompts // step) * step
+    options = sorted({v for v in (lo, hi) if v >= 1})
+    return " or ".join(f"data.train_batch_size={v} ({v * n} sequences)" for v in options)
+
+
+def check_cluster(pools: Pools, nodes: list[dict], resource: str = "GPU") -> None:
+    """The Ray cluster can host both pools: ``nodes`` as ``ray.nodes()`` returns them. Checked right
+    after Ray starts, before any data or model is loaded (verl's own check comes after both)."""
+    free = sorted((float(n.get("Resources", {}).get(resource, 0)) for n in nodes if n.get("Alive", True)), reverse=True)
+    wanted = sorted(pools.trainer + (pools.teacher or []), reverse=True)
+    layout = f"trainer pool {pools.trainer}" + (f" + teacher pool {pools.teacher}" if pools.teacher else "")
+    have = f"the Ray cluster has {sum(free):g} {resource} on {len(free)} node(s) ({', '.join(f'{f:g}' for f in free)})"
+    for need in wanted:  # first-fit decreasing: each pool entry is one node's worth of a placement group
+        for i, f in enumerate(free):
+            if f >= need:
+                free[i] -= need
+                break
+        else:
+            raise TAConfigError(
+                f"the run needs {pools.gpus} {resource} on {len(wanted)} node(s) ({layout}, from trainer.nnodes x "
+                f"trainer.n_gpus_per_node = {pools.total[0]} x {pools.total[1]}, which counts ALL nodes of the run) "
+                f"but {have}; give trainer.nnodes / n_gpus_per_node that match the allocation")
+
+
+def check_trainer_divisibility(cfg: DictConfig, pools: Pools) -> None:
+    """What verl's step needs of the trainer pool, named with numbers (verl's own validate_config
+    skips its batch check under use_dynamic_bsz=true; these asserts fire regardless):
+
+    - vLLM replicas tile the pool: GPUs % (tensor x data x pipeline parallel size) == 0;
+    - the agent loop splits the rollout batch evenly over ``rollout.agent.num_workers`` workers;
+    - batch balancing (``trainer.balance_batch``, equal-size partitions) and the data-parallel
+      dispatch of ``compute_log_prob``/``update_actor`` split the batch evenly over the DP ranks;
+    - ``train_mini_batch`` asserts ``ppo_mini_batch_size x n % dp == 0``.
+    The FSDP teacher group needs nothing: its call is padded to a multiple of its ranks.
+    """
+    rollout, actor = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.actor
+    gpus = sum(pools.trainer)
+    dp = gpus  # FSDP with sequence parallelism 1 (check_verl_options enforces it)
+    replica = 1
+    for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size"):
+        replica *= _positive_int(rollout.get(key, 1), f"actor_rollout_ref.rollout.{key}")
+    pool = f"the trainer pool ({' + '.join(map(str, pools.trainer))} = {gpus} GPUs"
+    if gpus % replica:
+        raise TAConfigError(f"{pool}) is not a multiple of one vLLM rollout replica ({replica} GPUs = tensor x data x "
+                            "pipeline parallel sizes of actor_rollout_ref.rollout); change the rollout parallel sizes "
+                            "or the pool split")
+    prompts = _positive_int(cfg.data.train_batch_size, "data.train_batch_size")
+    n = _positive_int(rollout.n, "actor_rollout_ref.rollout.n")
+    batch = prompts * n
+    if batch % dp:
+        raise TAConfigError(
+            f"data.train_batch_size x actor_rollout_ref.rollout.n = {prompts} x {n} = {batch} sequences per step is not "
+            f"divisible by the {dp} data-parallel ranks of {pool}): verl's batch balancing and its data-parallel "
+            f"dispatch split the batch evenly; use e.g. {_suggest_batch(prompts, n, dp)}, or a trainer pool whose "
+            f"GPU count divides {batch}")
+    workers = _positive_int(OmegaConf.select(cfg, "actor_rollout_ref.rollout.agent.num_workers", default=1),
+                            "actor_rollout_ref.rollout.agent.num_workers")
+    if batch % workers:
+        raise TAConfigError(
+            f"{batch} sequences per step (data.train_batch_size x rollout.n) is not divisible by "
+            f"actor_rollout_ref.rollout.agent.num_workers={workers} (verl's agent loop splits the batch evenly); use "
+            f"e.g. {_suggest_batch(prompts, n, workers)}, or a num_workers that divides {batch}")
+    mini = _positive_int(actor.ppo_mini_batch_size, "actor_rollout_ref.actor.ppo_mini_batch_size") * n
+    if mini % dp:
+        raise TAConfigError(
+            f"actor_rollout_ref.actor.ppo_mini_batch_size x rollout.n = {mini} sequences is not divisible by the {dp} "
+            f"data-parallel ranks of {pool}) (verl's train_mini_batch asserts it); use a ppo_mini_batch_size that "
+            f"makes it a multiple of {dp}")
+
+
+def check_unsupported_modes(cfg: DictConfig) -> None:
+    """verl modes under which the TA hooks cannot work: refused at startup, not on step 1."""
+    if OmegaConf.select(cfg, "algorithm.rollout_correction.bypass_mode", default=False):
+        raise TAConfigError("algorithm.rollout_correction.bypass_mode=true is not supported: verl then skips the "
+                            "old-log-prob forward, which is where the TA statistics are computed; set it to false")
+    for key in ("actor_rollout_ref.actor.pad_to_length", "actor_rollout_ref.actor.fsdp_config.pad_to_length"):
+        if OmegaConf.select(cfg, key, default=False):
+            raise TAConfigError(f"{key}=true is not supported: the statistics pass ships the teacher's top-K' "
+                                "fields, and verl's FSDP engine refuses pad_to_length with top-K fields; set it to false")
 
 
 def model_vocab(student_path: str, teacher_path: str, allowed_mismatch_ids=()) -> int:
@@ -91,22 +216,41 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
     vocab = model_vocab(student_path, teacher_path, ok_ids) if vocab_size is None else vocab_size
     ta.check_vocab(vocab)
     check_verl_options(cfg)
-    from verl.utils.config import validate_config
-
-    try:  # verl's own batch-size and micro-batch checks, now rather than on the cluster
-        validate_config(config=cfg, use_reference_policy=False, use_critic=False)
-    except (AssertionError, ValueError) as e:
-        raise TAConfigError(f"verl rejects the configuration: {e}") from e
+    check_unsupported_modes(cfg)
     nnodes = _positive_int(node.nnodes, "ta_opd.teacher.nnodes")
     per_node = _positive_int(node.n_gpus_per_node, "ta_opd.teacher.n_gpus_per_node")
-    _positive_int(cfg.trainer.nnodes, "trainer.nnodes")
-    _positive_int(cfg.trainer.n_gpus_per_node, "trainer.n_gpus_per_node")
     colocate = node.get("colocate", False)
     if not isinstance(colocate, bool):
         raise TAConfigError(f"ta_opd.teacher.colocate={colocate!r} is not allowed; choose true or false")
     if colocate and backend != "fsdp":
         raise TAConfigError("ta_opd.teacher.colocate=true needs ta_opd.teacher.backend=fsdp (verl's vLLM teacher "
                             "servers always run on their own pool)")
+    pools = split_allocation(_positive_int(cfg.trainer.nnodes, "trainer.nnodes"),
+                             _positive_int(cfg.trainer.n_gpus_per_node, "trainer.n_gpus_per_node"),
+                             nnodes, per_node, colocate)
+    if backend == "vllm":
+        inf = cfg.distillation.teacher_models.teacher_model.inference
+        replica = inf.tensor_model_parallel_size * inf.data_parallel_size * inf.get("pipeline_model_parallel_size", 1)
+        if (nnodes * per_node) % replica:
+            raise TAConfigError(
+                f"teacher pool ta_opd.teacher.nnodes x n_gpus_per_node = {nnodes * per_node} GPUs is not a multiple "
+                f"of one vLLM teacher replica ({replica} GPUs = tensor x data x pipeline parallel sizes of "
+                "distillation.teacher_models.teacher_model.inference)")
+    check_trainer_divisibility(cfg, pools)
+    with open_dict(cfg):  # verl's trainer.* keys describe its own (trainer) pool from here on
+        cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node = len(pools.trainer), pools.trainer[0]
+    from verl.utils.config import validate_config
+
+    try:  # verl's own batch-size and micro-batch checks, now rather than on the cluster
+        validate_config(config=cfg, use_reference_policy=False, use_critic=False)
+    except (AssertionError, ValueError, InstantiationException) as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+        raise TAConfigError(f"verl rejects the configuration: {cause}") from e
+    if (ta.loss, backend) not in LOSS_MODES:  # registered in ta_opd.losses, but not wired to a verl loss mode
+        supported = sorted({name for name, b in LOSS_MODES if b == backend})
+        raise TAConfigError(f"ta_opd.loss={ta.loss!r} runs on the CPU backend but the verl backend has no "
+                            f"distillation loss for it with ta_opd.teacher.backend={backend}; supported there: "
+                            f"{', '.join(supported)} (add it to LOSS_MODES in recipe/ta_opd/verl_backend/losses.py)")
     loss_mode = LOSS_MODES[(ta.loss, backend)]
     dist = cfg.distillation
     with open_dict(cfg):
@@ -119,13 +263,6 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
         dist.teacher_models.teacher_model.model_path = teacher_path
         dist.nnodes, dist.n_gpus_per_node = nnodes, per_node
         if backend == "vllm":
-            inf = dist.teacher_models.teacher_model.inference
-            replica = inf.tensor_model_parallel_size * inf.data_parallel_size * inf.get("pipeline_model_parallel_size", 1)
-            if (nnodes * per_node) % replica:
-                raise TAConfigError(
-                    f"teacher pool ta_opd.teacher.nnodes x n_gpus_per_node = {nnodes * per_node} GPUs is not a multiple "
-                    f"of one vLLM teacher replica ({replica} GPUs = tensor x data x pipeline parallel sizes of "
-                    "distillation.teacher_models.teacher_model.inference)")
             dist.enabled = True
             actor_distillation = None
         else:
@@ -143,9 +280,10 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
     worker = dict(model_path=teacher_path, vocab_size=vocab, topk=ta.teacher_topk,
                   micro_batch_size=_positive_int(node.micro_batch_size, "ta_opd.teacher.micro_batch_size"),
                   chunk_size=_positive_int(node.chunk_size, "ta_opd.teacher.chunk_size"),
-                  param_dtype=str(node.param_dtype), logp_dtype=str(node.logp_dtype))
+                  param_dtype=str(node.param_dtype), logp_dtype=str(node.logp_dtype),
+                  timeout_s=_positive_int(node.get("timeout_s", 3600), "ta_opd.teacher.timeout_s"))
     from recipe.ta_opd.verl_backend.teacher import TeacherWorkerConfig
 
     TeacherWorkerConfig(**worker)  # validates dtypes and sizes now, not on the cluster
     return VerlPlan(ta=ta, vocab_size=vocab, teacher_backend=backend, loss_mode=loss_mode, teacher_worker=worker,
-                    teacher_pool=None if colocate else [per_node] * nnodes, actor_distillation=copy.deepcopy(actor_distillation))
+                    teacher_pool=pools.teacher, actor_distillation=copy.deepcopy(actor_distillation), pools=pools)

@@ -1,0 +1,194 @@
+"""Issue 9: the ways the verl backend died on its first step, each reproduced on CPU.
+
+- the shipped batch did not divide over the trainer pool's data-parallel ranks (verl asserts it in
+  batch balancing / dispatch / train_mini_batch, after rollout) -> refused at startup, with a fix;
+- ``trainer.nnodes`` counts ALL nodes of the run; the cluster is checked before data loads;
+- a rollout token outside the shared vocabulary killed the teacher -> the position leaves
+  selection and the loss, counted in ``ta_opd/invalid_sampled_fraction``;
+- modes under which the hooks cannot work (bypass, pad_to_length) -> refused at startup.
+(Empty micro-batches vs verl's cross-rank metric aggregation: tests/verl/test_verl_loss.py.)
+"""
+
+import re
+
+import pytest
+import torch
+from verl import DataProto
+
+from recipe.ta_opd.main import ta_config
+from recipe.ta_opd.verl_backend import fields as F
+from recipe.ta_opd.verl_backend.teacher import TeacherWorkerConfig, compute_teacher_fields
+from recipe.ta_opd.verl_backend.trainer import exclude_invalid_sampled, teacher_request
+from recipe.ta_opd.verl_backend.validate import Pools, check_cluster, plan, split_allocation
+from ta_opd.errors import TAConfigError
+from tests.verl.helpers import VOCAB, rollout_batch
+from tests.verl.test_configs import CONFIGS, QWEN_V, RECIPE_DIR, ROOT, compose_from
+
+
+def _plan(*overrides, config_dir=RECIPE_DIR):
+    cfg = compose_from(config_dir, "ta_opd_trainer", *overrides)
+    return cfg, plan(cfg, ta_config(cfg.ta_opd), student_path="s", teacher_path="t", vocab_size=QWEN_V)
+
+
+def _paper(monkeypatch, name, *overrides):
+    for var in ("TRAIN_FILES", "VAL_FILES", "TEACHER_MODEL", "STUDENT_MODEL"):
+        monkeypatch.setenv(var, "/x")
+    monkeypatch.chdir(ROOT)
+    return _plan(f"+experiment={name}", *overrides)
+
+
+# --- data-parallel divisibility ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_paper_configs_split_8_nodes_and_divide_the_batch(name, monkeypatch):
+    cfg, p = _paper(monkeypatch, name)
+    assert p.pools.total == (8, 8)  # trainer.nnodes=8 means the whole allocation
+    assert p.pools.trainer == [8] * 6 and p.pools.teacher == [8] * 2 and p.teacher_pool == [8] * 2
+    assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (6, 8)  # what verl's trainer pool gets
+    batch = cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n
+    assert batch % 48 == 0 and batch % cfg.actor_rollout_ref.rollout.agent.num_workers == 0
+
+
+def test_the_old_paper_batch_on_48_trainer_gpus_is_refused_with_numbers_and_a_fix(monkeypatch):
+    # 64 prompts x 8 = 512 sequences over 6 x 8 = 48 ranks: verl's _balance_batch asserted 512 % 48
+    with pytest.raises(TAConfigError) as e:
+        _paper(monkeypatch, "qwen3_4b_to_qwen3_1p7b", "data.train_batch_size=64")
+    msg = str(e.value)
+    assert "64 x 8 = 512 sequences per step is not divisible by the 48 data-parallel ranks" in msg
+    assert "data.train_batch_size=60 (480 sequences) or data.train_batch_size=66 (528 sequences)" in msg
+    # the suggested values do validate
+    _paper(monkeypatch, "qwen3_4b_to_qwen3_1p7b", "data.train_batch_size=66", "actor_rollout_ref.rollout.agent.num_workers=6")
+
+
+def test_single_node_split_six_trainer_gpus(monkeypatch):
+    cfg, p = _paper(monkeypatch, "qwen3_4b_to_qwen3_1p7b", "trainer.nnodes=1", "ta_opd.teacher.nnodes=1",
+                    "ta_opd.teacher.n_gpus_per_node=2")
+    assert p.pools.trainer == [6] and p.pools.teacher == [2]
+    assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (1, 6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # verl's train_mini_batch: ppo_mini_batch_size x n % dp
+    (["trainer.n_gpus_per_node=8", "ta_opd.teacher.n_gpus_per_node=2", "data.train_batch_size=24",
+      "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.rollout.agent.num_workers=4"],
+     "ppo_mini_batch_size x rollout.n = 8 sequences is not divisible by the 6 data-parallel ranks"),
+    # the agent loop's even split
+    (["data.train_batch_size=5", "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.rollout.agent.num_workers=8"],
+     "20 sequences per step (data.train_batch_size x rollout.n) is not divisible by "
+     "actor_rollout_ref.rollout.agent.num_workers=8"),
+    # vLLM replicas tile the trainer pool
+    (["ta_opd.teacher.n_gpus_per_node=3"], "the trainer pool (5 = 5 GPUs) is not a multiple of one vLLM rollout replica"),
+    # the teacher takes ALL the nodes
+    (["trainer.nnodes=2", "ta_opd.teacher.nnodes=2", "ta_opd.teacher.n_gpus_per_node=8"],
+     "leaves no node for rollout and training; trainer.nnodes counts ALL nodes of the run"),
+    (["trainer.nnodes=2", "ta_opd.teacher.nnodes=1", "ta_opd.teacher.n_gpus_per_node=2"],
+     "is not a split this recipe supports"),
+    (["algorithm.rollout_correction.bypass_mode=true"], "algorithm.rollout_correction.bypass_mode=true is not supported"),
+    (["actor_rollout_ref.actor.pad_to_length=true"], "actor_rollout_ref.actor.pad_to_length=true is not supported"),
+    (["ta_opd.teacher.timeout_s=0"], "ta_opd.teacher.timeout_s=0 is not allowed"),
+])
+def test_what_verls_step_needs_is_refused_at_startup(overrides, message):
+    with pytest.raises(TAConfigError, match=re.escape(message)):
+        _plan(*overrides)
+
+
+def test_recipe_defaults_validate():
+    cfg, p = _plan()
+    assert p.pools.trainer == [4] and p.pools.teacher == [4]
+
+
+# --- trainer.nnodes against the Ray cluster -------------------------------------------------
+
+def _nodes(*gpus):
+    return [{"Alive": True, "Resources": {"GPU": float(g), "CPU": 64.0}} for g in gpus]
+
+
+def test_cluster_check_names_what_is_missing():
+    pools = split_allocation(8, 8, 2, 8, colocate=False)
+    check_cluster(pools, _nodes(*[8] * 8))
+    with pytest.raises(TAConfigError, match=re.escape("the run needs 64 GPU on 8 node(s) (trainer pool [8, 8, 8, 8, 8, 8]"
+                                                      " + teacher pool [8, 8], from trainer.nnodes x trainer."
+                                                      "n_gpus_per_node = 8 x 8, which counts ALL nodes of the run) but "
+                                                      "the Ray cluster has 48 GPU on 6 node(s)")):
+        check_cluster(pools, _nodes(*[8] * 6))
+    # enough GPUs in total but not per node: a pool entry is one node's placement group
+    with pytest.raises(TAConfigError, match="the run needs 8 GPU"):
+        check_cluster(Pools((1, 8), [6], [2]), _nodes(4, 4))
+    check_cluster(Pools((1, 8), [6], [2]), _nodes(8))
+    dead = [{"Alive": False, "Resources": {"GPU": 8.0}}] + _nodes(4)
+    with pytest.raises(TAConfigError, match=r"has 4 GPU on 1 node"):
+        check_cluster(Pools((1, 8), [6], [2]), dead)
+
+
+# --- sampled ids outside the shared vocabulary ----------------------------------------------
+
+def test_teacher_fields_skip_ids_outside_the_vocabulary(models):
+    batch = rollout_batch(B=4, P=5, R=7, seed=9)
+    cfg = TeacherWorkerConfig(model_path=models["teacher_path"], vocab_size=VOCAB, topk=8, micro_batch_size=2,
+                              chunk_size=3, param_dtype="float32")
+    clean = compute_teacher_fields(models["teacher"], batch, cfg)
+    b, t = 1, 0  # a valid position; the models have 104 logit rows for the 96-token vocabulary
+    assert batch["response_mask"][b, t] == 1
+    batch["responses"][b, t] = VOCAB + 5
+    batch["input_ids"][b, 5 + t] = VOCAB + 5
+    out = compute_teacher_fields(models["teacher"], batch, cfg)  # raised TAInputError before the fix
+    assert out[F.TEACHER_LOGP][b, t] == 0 and out[F.TEACHER_IDS][b, 5 - 1 + t].abs().sum() == 0
+    others = torch.ones_like(batch["response_mask"], dtype=torch.bool)
+    others[b] = False  # other sequences are untouched
+    torch.testing.assert_close(out[F.TEACHER_LOGP][others], clean[F.TEACHER_LOGP][others], atol=0, rtol=0)
+
+
+def test_invalid_sampled_positions_leave_selection_and_the_loss(models):
+    from tests.verl.test_trainer_hooks import make_trainer
+
+    trainer, _ = make_trainer(models, "ta_opd.budget=0.25")
+    raw = rollout_batch(B=8, P=5, R=7, seed=4)
+    bad = [(0, 0), (3, 1)]
+    for b, t in bad:
+        assert raw["response_mask"][b, t] == 1
+        raw["responses"][b, t] = VOCAB + 3
+        raw["input_ids"][b, 5 + t] = VOCAB + 3
+    full = raw["response_mask"].clone()
+    batch = DataProto.from_dict(tensors=raw)
+    old, _ = trainer._compute_old_log_prob(batch)  # died in the teacher before the fix
+    n_valid = int(full.sum())
+    assert trainer._ta_metrics["ta_opd/invalid_sampled_fraction"] == pytest.approx(2 / n_valid)
+    batch = batch.union(old)
+    out = trainer._update_actor(batch)
+    kept = trainer.actor_rollout_wg.seen["response_mask"].bool()
+    assert int(kept.sum()) == -(-(n_valid - 2) // 4)  # ceil(rho |I|) with I = the valid, in-vocabulary positions
+    assert not any(bool(kept[b, t]) for b, t in bad)
+    assert torch.equal(batch.batch["response_mask"], full)  # verl's later metrics see every token again
+    assert out.meta_info["metrics"]["ta_opd/valid_count"] == n_valid - 2
+
+
+def test_exclude_invalid_is_a_no_op_on_clean_batches():
+    raw = rollout_batch(B=3, P=4, R=5, seed=1)
+    batch = DataProto.from_dict(tensors=raw)
+    before = batch.batch["response_mask"].clone()
+    full, m = exclude_invalid_sampled(batch, VOCAB)
+    assert torch.equal(full, before) and torch.equal(batch.batch["response_mask"], before)
+    assert m == {"ta_opd/invalid_sampled_fraction": 0.0}
+
+
+# --- any teacher pool size with any batch size --------------------------------------------------
+
+def test_teacher_request_is_padded_to_the_group(ray_cpu, models):
+    """7 sequences over a 2-rank FSDP2 teacher group: verl's DP split asserted 7 % 2 before the
+    request enabled auto-padding; the padding never reaches the caller."""
+    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+
+    from recipe.ta_opd.verl_backend.teacher import TATeacherWorker
+
+    cfg = TeacherWorkerConfig(model_path=models["teacher_path"], vocab_size=VOCAB, topk=8, micro_batch_size=2,
+                              chunk_size=5, param_dtype="float32")
+    pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=1)
+    wg = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=RayClassWithInitArgs(
+        cls=ray_cpu.remote(TATeacherWorker), config=cfg.__dict__))
+    wg.init_model()
+    raw = rollout_batch(B=7, seed=2)
+    got = wg.compute_teacher(teacher_request(DataProto.from_dict(tensors=raw)))
+    assert len(got) == 7
+    want = compute_teacher_fields(models["teacher"], raw, cfg)
+    for k, v in want.items():
+        torch.testing.assert_close(got.batch[k], v, atol=1e-5, rtol=0, msg=k)
