@@ -13,7 +13,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ta_opd", "ta_opd.*", "recipe", "recipe.*"]),
-    package_data={"recipe.ta_opd": ["config/*.yaml"]},
+    # ta_opd/data/paper_results.csv: the paper's published numbers that python -m ta_opd.results
+    # puts beside ours
+    package_data={"recipe.ta_opd": ["config/*.yaml"], "ta_opd": ["data/*.csv"]},
     install_requires=[
         "verl==0.9.1",
         # 2.13.0 is the CPU wheel of our dev/CI machines; verl's gpu extras pin 2.11.0.
