@@ -1,7 +1,7 @@
 """TA-OPD core: teachability statistics, normalization, selectors, budget, losses, metrics.
 
 Pure torch/numpy; never imports verl, Ray or vLLM. The numerical contract is
-``shared/spec/teachability.md``; equation numbers refer to arXiv 2605.26844.
+``docs/spec.md``; equation numbers refer to arXiv 2605.26844.
 """
 
 from ta_opd.budget import BudgetResult, budget_count, select_budget

@@ -55,8 +55,12 @@ class TAConfig:
     # PPO clip range of the sampled-token PG-OPD loss: ratio in [1 - clip_low, 1 + clip_high]
     clip_low: float = 0.2
     clip_high: float = 0.28
-    # positions per chunk in the statistics pass (bounds extra memory to O(chunk * V))
+    # positions per chunk of the (chunk, V) passes (extra memory O(chunk * V)); the statistics
+    # pass uses it only when chunk_bytes is None
     chunk_size: int = 8
+    # byte budget that sizes the statistics pass's chunks (about a million elements per
+    # (chunk, V) fp32 buffer, all buffers within this many bytes); None = chunk_size rows
+    chunk_bytes: int | None = 64 << 20
 
     def __post_init__(self) -> None:
         from ta_opd.losses import available_losses
@@ -103,11 +107,20 @@ class TAConfig:
             raise TAConfigError(f"clip_low={self.clip_low!r} is not allowed; it must be < 1 (ratio floor 1 - clip_low > 0)")
         if not _is_int(self.chunk_size) or self.chunk_size < 1:
             raise TAConfigError(f"chunk_size={self.chunk_size!r} is not allowed; it must be an integer >= 1")
+        if self.chunk_bytes is not None and (not _is_int(self.chunk_bytes) or self.chunk_bytes < 1):
+            raise TAConfigError(f"chunk_bytes={self.chunk_bytes!r} is not allowed; it must be an integer >= 1 "
+                                "(bytes), or null to use chunk_size rows")
 
     def _check_choice(self, name: str, allowed: tuple[str, ...]) -> None:
         v = getattr(self, name)
         if v not in allowed:
             raise TAConfigError(f"{name}={v!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+    def stats_chunking(self) -> dict[str, Any]:
+        """``chunk_size`` / ``chunk_bytes`` keyword arguments for the ``ta_opd.stats`` functions."""
+        if self.chunk_bytes is None:
+            return {"chunk_size": self.chunk_size}
+        return {"chunk_size": None, "chunk_bytes": self.chunk_bytes}
 
     def check_vocab(self, vocab_size: int) -> None:
         """Checks that need V: K < V and K' <= V."""

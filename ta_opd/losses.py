@@ -7,12 +7,23 @@ max(-A_t r_t, -A_t clip(r_t)). Aggregation "token-mean" is Eq. 7: Σ m_t ℓ_t /
 whole batch; "seq-mean-token-mean" (the authors' code) averages each sequence's kept tokens,
 then the sequences that kept any. Masked positions contribute exactly zero loss and gradient.
 
-Options ``topk_forward_kl`` / ``topk_reverse_kl``: KL between the student and the teacher on the
-teacher's shipped top-K support, both renormalized on that support (so each is a proper KL >= 0).
+Options ``topk_forward_kl`` / ``topk_reverse_kl``: KL between the student and the teacher on
+K + 1 bins: the teacher's top-K ids, plus one "rest" bin holding each side's remaining mass
+(``topk_kl_per_token``; docs/losses.md). The student's probabilities are its true full-vocabulary
+ones (verl's ``forward_kl_topk`` convention), so the loss is a proper KL >= 0 whose minimum is
+the student matching the teacher on every bin: it pulls the student's mass into the teacher's
+support when the student has more mass outside it than the teacher. (Renormalizing the student
+on the support, as an earlier version did, makes the loss blind to that mass: its gradient on
+every logit outside the support is exactly zero.) Where the teacher's top-K holds all of its
+mass, the forward loss equals verl's ``forward_kl_topk`` in value and gradient.
+
+Guards: a NaN or infinite input at a KEPT position raises ``TAInputError`` naming the position;
+masked positions are never read into the loss (they may hold anything).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,8 +43,11 @@ class LossInputs:
     log_prob: torch.Tensor | None = None  # log π_θ(y_t), current policy
     old_log_prob: torch.Tensor | None = None  # log π_old(y_t), rollout policy
     teacher_log_prob: torch.Tensor | None = None  # log π_T(y_t)
-    student_topk_logp: torch.Tensor | None = None  # (B, T, K) log π_θ at the teacher's top-K ids
+    student_topk_logp: torch.Tensor | None = None  # (B, T, K) log π_θ at the teacher's top-K ids (full-vocab softmax)
     teacher_topk_logp: torch.Tensor | None = None  # (B, T, K) log π_T at those ids
+    # (B, T) log of π_θ's mass on every OTHER id, from the logits (see topk_logp_and_rest): it
+    # cannot be recovered from student_topk_logp in floating point when the support holds ~all mass
+    student_rest_logp: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,24 @@ def _need(inp: LossInputs, *names: str) -> list[torch.Tensor]:
     return out
 
 
+def check_kept_finite(name: str, x: torch.Tensor, mask: torch.Tensor, *, allow_neg_inf: bool = False) -> None:
+    """Raise ``TAInputError`` naming the first kept position where ``x`` is NaN or infinite.
+    x: (B, T) or (B, T, K); mask: (B, T) kept positions. -inf passes when ``allow_neg_inf``
+    (a log-probability of exactly zero)."""
+    bad = (torch.isnan(x) | (x == float("inf"))) if allow_neg_inf else ~torch.isfinite(x)
+    if x.dim() == mask.dim() + 1:
+        bad = bad.any(-1)
+    bad &= mask
+    if bool(bad.any()):
+        b, t = (int(i) for i in bad.nonzero()[0])
+        val = x[b, t]
+        shown = val.item() if val.dim() == 0 else [round(v, 4) for v in val.tolist()]
+        raise TAInputError(
+            f"{name} is {shown} at kept position (row {b}, response position {t}) ({int(bad.sum())} kept "
+            f"position(s) affected): a NaN or infinite value there would make the loss NaN or infinite; "
+            "check the model and teacher outputs at that position")
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     n = int(mask.sum())
     return float(torch.where(mask, x, torch.zeros_like(x)).sum() / n) if n else 0.0
@@ -105,7 +137,11 @@ def pg_opd_token_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
 
     Returns (per-token loss max(-A r, -A clip(r)), clipped flag, log-ratio). The ratio is taken
     as 1 at masked positions, so their loss and gradient are exactly zero after aggregation.
+    Raises ``TAInputError`` if an input is NaN or infinite at a kept position.
     """
+    for name, x in (("log_prob", log_prob), ("old_log_prob", old_log_prob),
+                    ("advantage (log π_T(y_t) - log π_old(y_t))", advantage)):
+        check_kept_finite(name, x.detach(), mask)
     log_ratio = log_prob - old_log_prob.detach()
     ratio = torch.exp(torch.where(mask, log_ratio, torch.zeros_like(log_ratio)))
     advantage = advantage.detach()
@@ -124,6 +160,8 @@ def pg_opd_loss(inp: LossInputs, *, clip_low: float = 0.2, clip_high: float = 0.
             f"log_prob {tuple(log_prob.shape)}, old_log_prob {tuple(old.shape)} and teacher_log_prob "
             f"{tuple(teacher.shape)} must all be (B, T)")
     mask = check_mask("mask", inp.mask, log_prob.shape)
+    for name, x in (("log_prob", log_prob), ("old_log_prob", old), ("teacher_log_prob", teacher)):
+        check_kept_finite(name, x.detach(), mask)
     advantage = -(old - teacher).detach()  # (B, T)
     per_token, is_clipped, log_ratio = pg_opd_token_loss(log_prob, old, advantage, mask,
                                                          clip_low=clip_low, clip_high=clip_high)
@@ -137,36 +175,115 @@ def pg_opd_loss(inp: LossInputs, *, clip_low: float = 0.2, clip_high: float = 0.
     return LossOutput(loss, metrics)
 
 
-def topk_kl_per_token(student_topk_logp: torch.Tensor, teacher_topk_logp: torch.Tensor, *,
-                      reverse: bool) -> torch.Tensor:
-    """(..., K) log-probs at the same K ids -> (...) KL on that support, both renormalized on it:
-    forward KL(p̄_T || p̄_S), or reverse KL(p̄_S || p̄_T). Gradient flows through the student side."""
-    s_bar = torch.log_softmax(student_topk_logp.float(), dim=-1)  # renormalize on the support
-    t_bar = torch.log_softmax(teacher_topk_logp.float().detach(), dim=-1)
-    p, a, b = (s_bar.exp(), s_bar, t_bar) if reverse else (t_bar.exp(), t_bar, s_bar)
-    return torch.where(p > 0, p * (a - b), torch.zeros_like(p)).sum(-1)
+# Largest amount by which top-K probabilities may sum above 1 (float rounding of log-probs
+# shipped in fp32); beyond it they are not the log-probs of one distribution.
+MASS_TOL = 1e-4
+
+
+def topk_logp_and_rest(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., V) logits and (..., K) distinct token ids -> the student's full-vocabulary log-probs
+    at the ids (..., K) and the log of its total mass on every other id (...), both fp32 and
+    exact (the rest is a logsumexp over the other logits, not 1 - Σ of rounded probabilities).
+    Differentiable; makes one (..., V) fp32 copy, so call it on chunks of positions."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (..., 1)
+    topk = x.gather(-1, ids) - lse  # (..., K)
+    rest = x.scatter(-1, ids, float("-inf")).logsumexp(-1) - lse.squeeze(-1)  # (...)
+    return topk, rest
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a <= 0, accurate on both sides of -log 2 (Mächler 2012)."""
+    return torch.where(a > -0.6931471805599453, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def teacher_rest_logp(teacher_topk_logp: torch.Tensor) -> torch.Tensor:
+    """(..., K) teacher log-probs -> (...) log of its mass outside those ids, log(1 - Σ_k p_k),
+    computed in float64; -inf where the top-K holds all the mass (up to MASS_TOL, which is
+    rounding). Callers check the tolerance (see _check_topk_inputs)."""
+    lse = torch.logsumexp(teacher_topk_logp.detach().double(), dim=-1)
+    return _log1mexp(lse.clamp_max(0.0)).float()  # clamp: Σ p_k in (1, 1 + tol] is rounding -> rest 0
+
+
+def topk_kl_per_token(student_topk_logp: torch.Tensor, student_rest_logp: torch.Tensor,
+                      teacher_topk_logp: torch.Tensor, *, reverse: bool) -> torch.Tensor:
+    """KL on K + 1 bins (the teacher's K ids + one rest bin), per position.
+
+    student_topk_logp (..., K): the student's FULL-vocabulary log-probs at the teacher's ids;
+    student_rest_logp (...): log of its mass elsewhere (``topk_logp_and_rest``);
+    teacher_topk_logp (..., K): the teacher's log-probs there (rest bin: 1 - Σ_k p_k).
+    forward: KL(T̃ || S̃) = Σ_k p_k log(p_k / q_k) + r_T log(r_T / r_S)   (0 log 0 = 0)
+    reverse: KL(S̃ || T̃) = Σ_k q_k log(q_k / p_k) + r_S log(r_S / r̂_T),
+             r̂_T = max(r_T, K·eps_fp32): the teacher's rest mass is only known to the rounding of its
+             K fp32 probabilities, and a rest of exactly 0 would make the reverse KL infinite.
+    Both are >= 0 and 0 iff the student matches the teacher on every bin. Gradient flows through
+    the student side only. Returns (...), fp32.
+    """
+    q_lp = student_topk_logp.float()  # (..., K)
+    q_rest = student_rest_logp.float()  # (...)
+    p_lp = teacher_topk_logp.detach().float()  # (..., K)
+    p_rest = teacher_rest_logp(p_lp)  # (...)
+    if not reverse:
+        return _kl_terms(p_lp, q_lp).sum(-1) + _kl_terms(p_rest, q_rest)
+    floor = math.log(p_lp.shape[-1] * torch.finfo(torch.float32).eps)
+    return _kl_terms(q_lp, p_lp).sum(-1) + _kl_terms(q_rest, p_rest.clamp_min(floor))
+
+
+def _kl_terms(a_lp: torch.Tensor, b_lp: torch.Tensor) -> torch.Tensor:
+    """exp(a)·(a - b) elementwise, 0 where exp(a) = 0 (0 log 0 = 0), with gradients free of NaN
+    there (the masked branch never sees an infinite log-prob)."""
+    pos = a_lp > float("-inf")
+    a = torch.where(pos, a_lp, torch.zeros_like(a_lp))
+    b = torch.where(pos, b_lp, torch.zeros_like(b_lp))
+    return torch.where(pos, a.exp() * (a - b), torch.zeros_like(a))
+
+
+def _check_topk_inputs(s: torch.Tensor, s_rest: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> None:
+    check_kept_finite("student_topk_logp", s.detach(), mask, allow_neg_inf=True)
+    check_kept_finite("student_rest_logp", s_rest.detach(), mask, allow_neg_inf=True)
+    check_kept_finite("teacher_topk_logp", t.detach(), mask, allow_neg_inf=True)
+    for name, lp, tol in (("teacher_topk_logp", t, MASS_TOL), ("student_topk_logp", s, MASS_TOL)):
+        mass = torch.logsumexp(lp.detach().double(), dim=-1).exp()  # (B, T)
+        over = (mass > 1 + tol) & mask
+        if bool(over.any()):
+            b, tt = (int(i) for i in over.nonzero()[0])
+            raise TAInputError(f"{name} at kept position (row {b}, response position {tt}) sums to probability "
+                               f"{float(mass[b, tt]):.6f} > 1 (+{tol} rounding): not the log-probs of one distribution")
 
 
 def _topk_kl(inp: LossInputs, reverse: bool, loss_agg: str, denominator) -> LossOutput:
-    s, t = _need(inp, "student_topk_logp", "teacher_topk_logp")
-    if s.shape != t.shape or s.dim() != 3:
-        raise TAInputError(f"student_topk_logp {tuple(s.shape)} and teacher_topk_logp {tuple(t.shape)} must both be (B, T, K)")
+    if inp.student_rest_logp is None and inp.student_topk_logp is not None:
+        raise TAInputError("the top-K losses need student_rest_logp, the log of the student's mass outside the "
+                           "teacher's top-K ids: compute both from the logits with ta_opd.losses.topk_logp_and_rest")
+    s, s_rest, t = _need(inp, "student_topk_logp", "student_rest_logp", "teacher_topk_logp")
+    if s.shape != t.shape or s.dim() != 3 or s_rest.shape != s.shape[:2]:
+        raise TAInputError(f"student_topk_logp {tuple(s.shape)} and teacher_topk_logp {tuple(t.shape)} must both be "
+                           f"(B, T, K) and student_rest_logp {tuple(s_rest.shape)} (B, T)")
     mask = check_mask("mask", inp.mask, s.shape[:2])
-    per_token = topk_kl_per_token(s, t, reverse=reverse)  # (B, T)
+    _check_topk_inputs(s, s_rest, t, mask)
+    # only kept positions enter the computation: masked ones may hold anything (padding, garbage)
+    kept = topk_kl_per_token(s[mask], s_rest[mask], t[mask], reverse=reverse)  # (N,)
+    per_token = torch.zeros(mask.shape, dtype=kept.dtype, device=kept.device).index_put(mask.nonzero(as_tuple=True), kept)
+    check_kept_finite("the top-K KL (one side gives probability 0 to a bin where the other has mass)",
+                      per_token.detach(), mask)
     loss = aggregate(per_token, mask, loss_agg, denominator)
     name = "topk_reverse_kl" if reverse else "topk_forward_kl"
-    return LossOutput(loss, {f"ta_opd/loss/{name}": float(loss.detach())})
+    with torch.no_grad():
+        metrics = {f"ta_opd/loss/{name}": float(loss.detach()),
+                   "ta_opd/loss/student_topk_mass": _masked_mean(torch.logsumexp(s.float(), -1).exp(), mask),
+                   "ta_opd/loss/teacher_topk_mass": _masked_mean(torch.logsumexp(t.float(), -1).exp(), mask)}
+    return LossOutput(loss, metrics)
 
 
 @register_loss("topk_forward_kl")
 def topk_forward_kl_loss(inp: LossInputs, *, loss_agg: str = "token-mean", denominator=None, **_) -> LossOutput:
-    """KL(p̄_T || p̄_S) on the teacher's top-K support."""
+    """KL(T̃ || S̃) on the teacher's top-K ids + a rest bin (see topk_kl_per_token)."""
     return _topk_kl(inp, reverse=False, loss_agg=loss_agg, denominator=denominator)
 
 
 @register_loss("topk_reverse_kl")
 def topk_reverse_kl_loss(inp: LossInputs, *, loss_agg: str = "token-mean", denominator=None, **_) -> LossOutput:
-    """KL(p̄_S || p̄_T) on the teacher's top-K support."""
+    """KL(S̃ || T̃) on the teacher's top-K ids + a rest bin (see topk_kl_per_token)."""
     return _topk_kl(inp, reverse=True, loss_agg=loss_agg, denominator=denominator)
 
 
@@ -177,4 +294,5 @@ def compute_loss(name: str, inp: LossInputs, *, clip_low: float = 0.2, clip_high
 
 
 __all__ = ["LossInputs", "LossOutput", "register_loss", "available_losses", "get_loss", "aggregate",
-           "compute_loss", "pg_opd_loss", "pg_opd_token_loss", "topk_kl_per_token", "topk_forward_kl_loss", "topk_reverse_kl_loss"]
+           "compute_loss", "check_kept_finite", "pg_opd_loss", "pg_opd_token_loss", "teacher_rest_logp", "topk_kl_per_token",
+           "topk_logp_and_rest", "topk_forward_kl_loss", "topk_reverse_kl_loss"]

@@ -77,6 +77,23 @@ def apply_range(z: torch.Tensor, lo: float, hi: float, eps: float = 1e-8) -> tor
     return ((z.double() - lo) / scale).clamp_(0.0, 1.0).float()
 
 
+def normalize_valid(z: torch.Tensor, valid: torch.Tensor, *, q_low: float = 0.05, q_high: float = 0.95,
+                    eps: float = 1e-8, name: str = "z") -> tuple[torch.Tensor, float, float]:
+    """Eq. 11 over the valid positions, the one implementation (``robust_normalize`` and
+    ``ta_opd.select`` both call it). z, valid: same shape (e.g. (B, T)). Returns (float32 z̃ of
+    that shape, 0 at invalid positions; Q_lo; Q_hi). Invalid positions never enter the
+    quantiles; a non-finite value at a valid position is an error naming ``name``."""
+    check_tensor(name, z, floating=True)
+    valid = check_mask("valid", valid, z.shape)
+    vals = z[valid]
+    if vals.numel() == 0:
+        raise TAInputError("empty batch: no valid positions to normalize over")
+    check_finite(name, vals)
+    lo, hi = quantile_range(vals, q_low, q_high)
+    out = apply_range(z, lo, hi, eps)
+    return torch.where(valid, out, torch.zeros_like(out)), lo, hi
+
+
 def robust_normalize(
     z: torch.Tensor,
     valid: torch.Tensor,
@@ -85,18 +102,9 @@ def robust_normalize(
     q_high: float = 0.95,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """Eq. 11 over the valid positions. z, valid: same shape (e.g. (B, T)); returns float32 z̃
-    with the same shape, 0 at invalid positions. Invalid positions never enter the quantiles;
-    a non-finite value at a valid position is an error."""
-    check_tensor("z", z, floating=True)
-    valid = check_mask("valid", valid, z.shape)
-    vals = z[valid]
-    if vals.numel() == 0:
-        raise TAInputError("empty batch: no valid positions to normalize over")
-    check_finite("z", vals)
-    lo, hi = quantile_range(vals, q_low, q_high)
-    out = apply_range(z, lo, hi, eps)
-    return torch.where(valid, out, torch.zeros_like(out))
+    """Eq. 11 over the valid positions (:func:`normalize_valid` without the range). z, valid:
+    same shape (e.g. (B, T)); returns float32 z̃ with the same shape, 0 at invalid positions."""
+    return normalize_valid(z, valid, q_low=q_low, q_high=q_high, eps=eps)[0]
 
 
-__all__ = ["quantiles", "quantile_range", "apply_range", "robust_normalize"]
+__all__ = ["quantiles", "quantile_range", "apply_range", "normalize_valid", "robust_normalize"]

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ta_opd._checks import check_finite, check_mask, check_tensor
+from ta_opd._checks import check_mask, check_tensor
 from ta_opd.budget import select_budget
 from ta_opd.config import TAConfig
 from ta_opd.errors import TAInputError
 from ta_opd.metrics import selection_metrics
-from ta_opd.normalize import _lerp, apply_range, order_stats, quantile_range
+from ta_opd.normalize import _lerp, apply_range, normalize_valid, order_stats
 from ta_opd.selectors import ScoreInputs, get_selector, q3_candidates
 from ta_opd.stats import PositionStats
 
@@ -40,11 +40,8 @@ class Selection:
 
 def _normalize_one(x: torch.Tensor, valid: torch.Tensor, cfg: TAConfig, name: str):
     """Eq. 11 for one statistic. Returns (x̃ (B, T), raw (Q_low, median, Q_high), median of x̃)."""
-    vals = x[valid]
-    check_finite(name, vals)
-    lo, hi = quantile_range(vals, cfg.q_low, cfg.q_high)
-    norm = torch.where(valid, apply_range(x, lo, hi, cfg.eps), torch.zeros((), dtype=torch.float32))
-    a, b, t = order_stats(vals, 0.5)
+    norm, lo, hi = normalize_valid(x, valid, q_low=cfg.q_low, q_high=cfg.q_high, eps=cfg.eps, name=name)
+    a, b, t = order_stats(x[valid], 0.5)
     # x ↦ x̃ is non-decreasing, so the middle order statistics of x̃ are the images of x's
     fa, fb = apply_range(torch.tensor([a, b], dtype=torch.float64), lo, hi, cfg.eps).tolist()
     return norm, (lo, _lerp(a, b, t), hi), _lerp(fa, fb, t)
@@ -68,6 +65,11 @@ def select_positions(stats: PositionStats, valid: torch.Tensor, cfg: TAConfig, s
     step: global training step (seeds the random selector together with cfg.seed).
     """
     check_tensor("stats.D", stats.D, ndim=2, floating=True)
+    for name in ("C", "C_low", "C_high", "C_hat", "H", "D_spread", "missing"):  # all (B, T), like D
+        t = check_tensor(f"stats.{name}", getattr(stats, name))
+        if t.shape != stats.D.shape:
+            raise TAInputError(f"stats.{name} has shape {tuple(t.shape)}, but stats.D has {tuple(stats.D.shape)}; "
+                               "every per-position statistic must have the batch's (B, T) shape")
     valid = check_mask("valid", valid, stats.D.shape)
     if not isinstance(step, int) or step < 0:
         raise TAInputError(f"step={step!r} must be an integer >= 0")

@@ -68,8 +68,10 @@ def get_selector(name: str) -> Selector:
 
 
 def probabilistic_or(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a + b - a·b: the soft OR used by TIP (Eq. 15) and TA-OPD+Ent. (Eq. 16)."""
-    return a + b - a * b
+    """a + b - a·b, the soft OR used by TIP (Eq. 15) and TA-OPD+Ent. (Eq. 16), computed as
+    1 - (1 - a)(1 - b): exactly 1 when either input is 1, so saturated positions tie exactly and
+    the budget's tie rule (earlier position, then earlier sequence) decides, not rounding noise."""
+    return 1 - (1 - a) * (1 - b)
 
 
 def random_scores(valid: torch.Tensor, seed: int, step: int) -> torch.Tensor:

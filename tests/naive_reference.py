@@ -1,6 +1,6 @@
 """A deliberately naive per-position implementation of the spec, in float64 numpy loops.
 
-Written from shared/spec/teachability.md only, never from ta_opd's code, to check it.
+Written from docs/spec.md (the numerical contract) only, never from ta_opd's code, to check it.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ import torch
 
 from ta_opd import TAConfig, available_selectors
 from ta_opd.teacher_outputs import teacher_outputs
-from ta_opd.toy.generate import generate
+from ta_opd.rollout import encode_prompt, generate
 from ta_opd.toy.models import STUDENT_ARCH, build_model
-from ta_opd.toy.tokenizer import build_tokenizer, encode_prompt
+from ta_opd.toy.tokenizer import build_tokenizer
 
 from tests.conftest import TINY
 
@@ -126,6 +126,7 @@ def test_checkpoint_is_atomic_and_loadable(tiny_pair, tmp_path):
         assert (tmp_path / name).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selector", available_selectors())
 def test_every_selector_runs_one_step(tiny_pair, tmp_path, selector):
     from recipe.ta_opd.cpu.trainer import CPUTrainer
@@ -136,9 +137,20 @@ def test_every_selector_runs_one_step(tiny_pair, tmp_path, selector):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # q3_* may warn about a budget shortfall on tiny batches
-        summary = CPUTrainer(cfg, log=lambda *_: None).fit()
+        trainer = CPUTrainer(cfg, log=lambda *_: None)
+        summary = trainer.fit()
     assert summary["steps"] == 1 and summary["selector"] == selector
-    assert 0 < summary["kept_ratio"] <= 1
+    m = trainer.history[-1]
+    valid, kept = int(m["ta_opd/valid_count"]), int(m["ta_opd/kept_count"])
+    assert valid == int(trainer.history[-1]["rollout/response_length"] * cfg.prompts_per_step * cfg.n_samples)
+    if selector == "full":
+        assert kept == valid and summary["kept_ratio"] == 1.0
+    else:
+        n = -(-3 * valid // 10)  # ⌈0.3·|I|⌉ in integers (Eq. 13; no float rounding)
+        # Q3 selectors keep all of Q3 when it holds fewer than n, and log the gap
+        assert kept + int(m["ta_opd/budget/shortfall"]) == n
+        assert selector.startswith("q3_") or kept == n
+        assert summary["kept_ratio"] == kept / valid
 
 
 @pytest.mark.parametrize("loss", ["topk_forward_kl", "topk_reverse_kl"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ta_opd import LossInputs, TAConfigError, TAInputError, aggregate, available_losses, compute_loss, register_loss
+from ta_opd.losses import topk_kl_per_token, topk_logp_and_rest
 
 
 def _inputs(mask, seed=0, B=3, T=5):
@@ -97,28 +98,168 @@ def test_denominator_and_seq_mean_token_mean():
     assert halves.item() == pytest.approx(aggregate(loss_mat, mask).item())
 
 
+def _topk_case(seed=1, B=2, T=3, V=40, K=4):
+    """Random student logits (B, T, V) and a teacher's top-K ids/log-probs from random logits."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=gen).requires_grad_(True)
+    t_full = torch.log_softmax(2 * torch.randn(B, T, V, generator=gen), -1)
+    t_lp, ids = t_full.topk(K, dim=-1)
+    return logits, ids, t_lp
+
+
 @pytest.mark.parametrize("reverse", [False, True])
-def test_topk_kl_matches_naive(reverse):
-    gen = torch.Generator().manual_seed(1)
-    s = torch.log_softmax(torch.randn(2, 3, 40, generator=gen), -1)[..., :4].clone().requires_grad_(True)
-    t = torch.log_softmax(torch.randn(2, 3, 40, generator=gen), -1)[..., :4]
+def test_topk_kl_matches_naive_k_plus_1_bins(reverse):
+    logits, ids, t = _topk_case()
     mask = torch.tensor([[True, False, True], [True, True, True]])
+    s, s_rest = topk_logp_and_rest(logits, ids)
     name = "topk_reverse_kl" if reverse else "topk_forward_kl"
-    out = compute_loss(name, LossInputs(mask=mask, student_topk_logp=s, teacher_topk_logp=t))
+    out = compute_loss(name, LossInputs(mask=mask, student_topk_logp=s, student_rest_logp=s_rest, teacher_topk_logp=t))
     vals = []
     for b in range(2):
         for i in range(3):
             if not mask[b, i]:
                 continue
-            ps = [math.exp(x) for x in s[b, i].tolist()]
-            pt = [math.exp(x) for x in t[b, i].tolist()]
-            ps = [x / sum(ps) for x in ps]
-            pt = [x / sum(pt) for x in pt]
-            p, q = (ps, pt) if reverse else (pt, ps)
-            vals.append(sum(a * math.log(a / c) for a, c in zip(p, q)))
+            q_all = torch.softmax(logits[b, i].double(), -1).tolist()
+            q = [q_all[j] for j in ids[b, i].tolist()]
+            p = [math.exp(x) for x in t[b, i].tolist()]
+            q.append(1 - sum(q))  # the rest bins
+            p.append(1 - sum(p))
+            a, c = (q, p) if reverse else (p, q)
+            vals.append(sum(x * math.log(x / y) for x, y in zip(a, c)))
     assert out.loss.item() == pytest.approx(sum(vals) / len(vals), rel=1e-5)
+    assert all(v > 0 for v in vals)
     out.loss.backward()
-    assert bool((s.grad[~mask] == 0).all())
+    assert bool((logits.grad[~mask] == 0).all())
+    assert out.metrics["ta_opd/loss/student_topk_mass"] == pytest.approx(
+        float(torch.softmax(logits.detach(), -1).gather(-1, ids).sum(-1)[mask].mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_topk_kl_is_zero_iff_the_bins_match(reverse):
+    # student = teacher on the K bins and the rest (however the rest is spread): KL 0, gradient 0
+    logits, ids, _ = _topk_case()
+    t = torch.log_softmax(logits.detach(), -1).gather(-1, ids)
+    s, s_rest = topk_logp_and_rest(logits, ids)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    out = compute_loss("topk_reverse_kl" if reverse else "topk_forward_kl",
+                       LossInputs(mask=mask, student_topk_logp=s, student_rest_logp=s_rest, teacher_topk_logp=t))
+    assert abs(out.loss.item()) < 1e-6
+    out.loss.backward()
+    assert float(logits.grad.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_topk_step_pulls_mass_into_the_teachers_support(reverse):
+    """One gradient step on a student with more mass outside the teacher's top-K than the teacher
+    raises its total mass on the top-K, and pushes EVERY logit outside the support down. The
+    old renormalized form gave those logits exactly zero gradient; on this case (student and
+    teacher proportional on the support) it was 0 with zero gradient, so the mass never moved."""
+    V, K = 50, 4
+    z = torch.zeros(1, 1, V)
+    z[..., :K] = torch.tensor([2.0, 1.0, 0.5, 0.0])  # student: ~26 % of its mass on the support
+    t_lp = torch.log_softmax(torch.tensor([2.0, 1.0, 0.5, 0.0]), -1).view(1, 1, K) + math.log(0.98)  # teacher: 98 %
+    ids = torch.arange(K).view(1, 1, K)
+    logits = z.clone().requires_grad_(True)
+    s, s_rest = topk_logp_and_rest(logits, ids)
+    out = compute_loss("topk_reverse_kl" if reverse else "topk_forward_kl",
+                       LossInputs(mask=torch.ones(1, 1, dtype=torch.bool), student_topk_logp=s,
+                                  student_rest_logp=s_rest, teacher_topk_logp=t_lp))
+    out.loss.backward()
+    assert bool((logits.grad[..., K:] > 0).all())  # descent lowers every logit outside the support
+    mass = lambda x: float(torch.softmax(x, -1)[..., :K].sum())  # noqa: E731
+    stepped = z - 1.0 * logits.grad
+    assert mass(stepped) > mass(z) + 0.05
+    # the renormalized form this replaces: no gradient outside the support, loss 0 here
+    renorm = torch.log_softmax(topk_logp_and_rest(logits, ids)[0], -1)
+    kl_renorm = (renorm.exp() * (renorm - torch.log_softmax(t_lp, -1))).sum()
+    g, = torch.autograd.grad(kl_renorm, logits)
+    assert float(g.abs().max()) < 1e-6
+
+
+def test_forward_topk_kl_equals_verl_convention_plus_the_rest_bin():
+    # Σ_k p_k log(p_k / q_k) with q the full-vocabulary probabilities (verl's forward_kl_topk,
+    # unclamped) + r_T log(r_T / r_S): the two coincide where the teacher's top-K holds all its mass
+    logits, ids, t = _topk_case(seed=3)
+    s, s_rest = topk_logp_and_rest(logits, ids)
+    per_token = topk_kl_per_token(s, s_rest, t, reverse=False)
+    verl_form = (t.exp() * (t - s)).sum(-1)
+    r_t = 1 - t.exp().sum(-1)
+    torch.testing.assert_close(per_token, verl_form + r_t * (torch.log(r_t) - s_rest), atol=1e-5, rtol=1e-5)
+
+
+def test_topk_rest_is_exact_when_the_support_holds_almost_all_mass():
+    logits = torch.tensor([[30.0, 0.0, 0.0, -5.0]])
+    s, rest = topk_logp_and_rest(logits, torch.tensor([[0]]))
+    want = torch.logsumexp(logits[0, 1:].double(), -1) - torch.logsumexp(logits[0].double(), -1)
+    assert float(rest) == pytest.approx(float(want), rel=1e-6)  # ~ -30, where 1 - Σ q rounds to 0 in fp32
+    assert float(1 - s.exp().sum()) == 0.0
+
+
+def _kept_inputs():
+    mask = torch.tensor([[True, False, True]])
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    return mask, old, torch.tensor([[-1.5, -1.0, -0.5]])
+
+
+@pytest.mark.parametrize("field", ["log_prob", "old_log_prob", "teacher_log_prob"])
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_pg_opd_refuses_non_finite_inputs_at_kept_positions(field, bad):
+    mask, old, teacher = _kept_inputs()
+    vals = {"log_prob": old.clone(), "old_log_prob": old.clone(), "teacher_log_prob": teacher.clone()}
+    vals[field][0, 2] = bad
+    with pytest.raises(TAInputError, match=rf"{field} is {bad} at kept position \(row 0, response position 2\)"):
+        compute_loss("pg_opd", LossInputs(mask=mask, **vals))
+    vals[field][0, 2] = -1.0
+    vals[field][0, 1] = bad  # masked position: ignored, loss finite
+    assert math.isfinite(compute_loss("pg_opd", LossInputs(mask=mask, **vals)).loss.item())
+
+
+def test_topk_kl_refuses_a_nan_teacher_value_at_a_kept_position():
+    logits, ids, t = _topk_case()
+    s, s_rest = topk_logp_and_rest(logits, ids)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    t_bad = t.clone()
+    t_bad[1, 2, 3] = float("nan")
+    with pytest.raises(TAInputError, match=r"teacher_topk_logp is .*nan.* at kept position \(row 1, response position 2\)"):
+        compute_loss("topk_forward_kl", LossInputs(mask=mask, student_topk_logp=s, student_rest_logp=s_rest,
+                                                   teacher_topk_logp=t_bad))
+    mask[1, 2] = False  # the same NaN at a masked position is never read
+    out = compute_loss("topk_forward_kl", LossInputs(mask=mask, student_topk_logp=s, student_rest_logp=s_rest,
+                                                     teacher_topk_logp=t_bad))
+    assert math.isfinite(out.loss.item())
+
+
+def test_topk_kl_input_errors():
+    logits, ids, t = _topk_case()
+    s, s_rest = topk_logp_and_rest(logits, ids)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(TAInputError, match="student_rest_logp.*topk_logp_and_rest"):
+        compute_loss("topk_forward_kl", LossInputs(mask=mask, student_topk_logp=s, teacher_topk_logp=t))
+    with pytest.raises(TAInputError, match=r"teacher_topk_logp at kept position \(row 0, response position 0\) sums to probability 1\.\d+ > 1"):
+        compute_loss("topk_forward_kl", LossInputs(mask=mask, student_topk_logp=s, student_rest_logp=s_rest,
+                                                   teacher_topk_logp=t + math.log(2.0)))
+    # a teacher id with probability exactly 0 (-inf) is a valid input: it contributes 0 (0 log 0)
+    t0 = t.clone()
+    t0[..., -1] = float("-inf")
+    out = compute_loss("topk_forward_kl", LossInputs(mask=mask, student_topk_logp=s, student_rest_logp=s_rest,
+                                                     teacher_topk_logp=t0))
+    assert math.isfinite(out.loss.item())
+    # reverse: the student has mass where the teacher has none -> infinite KL, refused by name
+    with pytest.raises(TAInputError, match="top-K KL"):
+        compute_loss("topk_reverse_kl", LossInputs(mask=mask, student_topk_logp=s, student_rest_logp=s_rest,
+                                                   teacher_topk_logp=t0))
+
+
+def test_reverse_topk_kl_is_finite_when_the_teachers_top_k_holds_all_its_mass():
+    # a confident teacher: its top-K mass rounds to 1 in fp32 -> rest floored at K·eps, not log 0
+    logits, ids, _ = _topk_case()
+    t = torch.log_softmax(torch.tensor([40.0, 0.0, -1.0, -2.0]), -1).expand(2, 3, 4).contiguous()
+    assert float(1 - t.exp().sum(-1).max()) <= 0
+    s, s_rest = topk_logp_and_rest(logits, ids)
+    out = compute_loss("topk_reverse_kl", LossInputs(mask=torch.ones(2, 3, dtype=torch.bool), student_topk_logp=s,
+                                                     student_rest_logp=s_rest, teacher_topk_logp=t))
+    out.loss.backward()
+    assert math.isfinite(out.loss.item()) and bool(torch.isfinite(logits.grad).all())
 
 
 def test_loss_input_errors():

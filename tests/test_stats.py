@@ -9,7 +9,7 @@ import torch
 from ta_opd import TAInputError, dense_position_stats, sparse_position_stats
 from tests.naive_reference import position_stats as naive_stats
 
-# Hand case, V = 6, K = 2 (worked out on paper; see README "Spec decisions").
+# Hand case, V = 6, K = 2 (worked out on paper; see docs/decisions.md).
 P_S = [0.5, 0.2, 0.1, 0.1, 0.05, 0.05]  # S_S = {0, 1}
 P_T = [0.1, 0.4, 0.3, 0.1, 0.05, 0.05]  # S_T = {1, 2}; U = {0, 1, 2}
 # p̄_T^U = [.125, .5, .375], p̄_S^U = [.625, .25, .125]

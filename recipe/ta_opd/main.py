@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ta_opd.config import TAConfig
 from ta_opd.errors import TAConfigError, TAInputError
@@ -46,6 +46,42 @@ def choose_backend(requested: str) -> tuple[str, str]:
     return requested, "requested with ta_opd.backend"
 
 
+def run_name(cfg: DictConfig, ta: TAConfig) -> str:
+    """Default trainer.experiment_name: the pair and the selection knobs, so runs of different
+    pairs never share an output folder (or resume each other's checkpoints)."""
+    import hashlib
+    import re
+
+    student, teacher = cfg.actor_rollout_ref.model.path, cfg.ta_opd.teacher_model_path
+    if student is None and teacher is None:
+        pair = "toy"
+    else:
+        paths = [str(Path(os.path.expanduser(str(x))).resolve()) if x is not None else "none"
+                 for x in (student, teacher)]
+        slug = [re.sub(r"[^A-Za-z0-9.-]+", "-", Path(x).name)[:40] or "model" for x in paths]
+        pair = f"{slug[0]}_from_{slug[1]}_{hashlib.sha256(chr(0).join(paths).encode()).hexdigest()[:6]}"
+    return f"{pair}_{ta.selector}_rho{ta.budget}_k{ta.topk}_seed{ta.seed}"
+
+
+def set_threads(requested) -> str:
+    """torch CPU threads for the CPU backend: ``ta_opd.cpu.num_threads``, else $OMP_NUM_THREADS,
+    else half the visible CPUs (on a shared 2-core machine torch's default of all cores measured
+    5-9x slower than one thread). Returns the line to print."""
+    import torch
+
+    if requested is not None:
+        n, why = int(requested), "ta_opd.cpu.num_threads"
+        if n < 1:
+            raise TAConfigError(f"ta_opd.cpu.num_threads={requested} is not allowed; it must be >= 1 (or null)")
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        n, why = int(os.environ["OMP_NUM_THREADS"]), "$OMP_NUM_THREADS"
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n, why = max(1, cpus // 2), f"half of the {cpus} visible CPUs; set ta_opd.cpu.num_threads to change"
+    torch.set_num_threads(n)
+    return f"[ta-opd] torch threads: {n} ({why})"
+
+
 def _existing(path, key: str) -> str:
     p = Path(os.path.expanduser(str(path)))
     if not p.exists():
@@ -56,15 +92,24 @@ def _existing(path, key: str) -> str:
 def run_cpu(cfg: DictConfig, ta: TAConfig) -> dict:
     from verl.utils.tracking import Tracking
 
+    from recipe.ta_opd.cpu import preflight, runlock
     from recipe.ta_opd.cpu.trainer import CPURunConfig, CPUTrainer
+    from recipe.ta_opd.grading import Grader, resolve_score_fn
 
+    preflight.check_cli(cfg)  # every knob's type and range, before anything is built or loaded
+    out_dir = preflight.check_writable(cfg.trainer.default_local_dir, "trainer.default_local_dir")
+    if cfg.trainer.get("rollout_data_dir"):
+        preflight.check_writable(cfg.trainer.rollout_data_dir, "trainer.rollout_data_dir")
+    runlock.acquire(out_dir)  # one run per folder; released by guarded() when the run ends
+    print(set_threads(cfg.ta_opd.cpu.get("num_threads")))
     student, teacher = cfg.actor_rollout_ref.model.path, cfg.ta_opd.teacher_model_path
+    pair_label = "the CPU toy" if student is None and teacher is None else None
     train, val, test = cfg.data.train_files, cfg.data.val_files, None
     if student is None and teacher is None:
-        from ta_opd.toy.build import ToySpec, load_or_build
+        from ta_opd.toy.build import load_or_build
 
-        spec_node = cfg.ta_opd.toy.get("spec")
-        spec = ToySpec(**(OmegaConf.to_container(spec_node, resolve=True) if spec_node is not None else {}))
+        spec = preflight.toy_spec(cfg)
+        preflight.check_toy_cache(cfg.ta_opd.toy.cache_dir, spec)
         pair = load_or_build(cfg.ta_opd.toy.cache_dir, spec)
         student, teacher = str(pair.student), str(pair.teacher)
         train = train or str(pair.train_file)
@@ -80,6 +125,7 @@ def run_cpu(cfg: DictConfig, ta: TAConfig) -> dict:
         raise TAConfigError("data.train_files and data.val_files are required with your own models")
     train, val = (_existing(f if isinstance(f, str) else f[0], k) for f, k in
                   ((train, "data.train_files"), (val, "data.val_files")))
+    preflight.check_inputs(student, teacher, train, val, test)  # model folders and data files, before loading
     actor = cfg.actor_rollout_ref.actor
     rc = CPURunConfig(
         student_path=student, teacher_path=teacher, train_file=train, val_file=val, test_file=test,
@@ -93,14 +139,24 @@ def run_cpu(cfg: DictConfig, ta: TAConfig) -> dict:
         project=str(cfg.trainer.project_name), experiment=str(cfg.trainer.experiment_name),
         loggers=tuple(cfg.trainer.logger), ta=ta,
         rollout_dir=str(cfg.trainer.rollout_data_dir) if cfg.trainer.get("rollout_data_dir") else None,
-        vocab_mismatch_ok_ids=tuple(cfg.ta_opd.get("vocab_mismatch_ok_ids") or ()))
+        vocab_mismatch_ok_ids=tuple(cfg.ta_opd.get("vocab_mismatch_ok_ids") or ()),
+        max_ckpt_to_keep=cfg.trainer.get("max_actor_ckpt_to_keep"),
+        pair=pair_label or f"{Path(student).name} (student) <- {Path(teacher).name} (teacher)",
+        heldout_kl_prompts=int(cfg.ta_opd.cpu.get("heldout_kl_prompts", 64)),
+        eval_batch_size=int(cfg.ta_opd.cpu.get("eval_batch_size", 256)),
+        chat_template_kwargs=preflight.mapping(cfg, "data.apply_chat_template_kwargs"))
+    for key in ("heldout_kl_prompts", "eval_batch_size"):
+        if getattr(rc, key) < 1:
+            raise TAConfigError(f"ta_opd.cpu.{key}={getattr(rc, key)} is not allowed; it must be >= 1")
     if rc.total_steps < 1:
         raise TAConfigError(f"trainer.total_training_steps={rc.total_steps} is not allowed; it must be >= 1")
     if rc.resume_mode not in ("auto", "disable"):
         raise TAConfigError(f"trainer.resume_mode={rc.resume_mode!r}: the CPU backend supports auto | disable")
     tracker = Tracking(project_name=rc.project, experiment_name=rc.experiment, default_backend=list(rc.loggers),
                        config=OmegaConf.to_container(cfg, resolve=True))
-    summary = CPUTrainer(rc, tracker=tracker).fit()
+    score_fn, grading = resolve_score_fn(cfg.get("reward"))
+    print(f"[ta-opd] grading: {grading}")
+    summary = CPUTrainer(rc, tracker=tracker, grader=Grader(score_fn)).fit()
     return summary
 
 
@@ -117,9 +173,12 @@ def run_verl(cfg: DictConfig, ta: TAConfig) -> dict:
             raise TAConfigError(f"{key} is required on the verl backend (verl RL parquet files)")
     p = plan(cfg, ta, student_path=str(student), teacher_path=str(teacher))
     pool = "colocated with the trainer" if p.teacher_pool is None else f"pool {p.teacher_pool}"
-    print(f"[ta-opd] verl backend: teacher {p.teacher_backend} ({pool}), loss {p.loss_mode}, "
+    nodes, gpus = p.pools.total
+    print(f"[ta-opd] verl backend: allocation {nodes} x {gpus} GPUs (trainer.nnodes x n_gpus_per_node) -> trainer "
+          f"pool {p.pools.trainer}, teacher {p.teacher_backend} ({pool}), loss {p.loss_mode}, "
           f"shared vocabulary {p.vocab_size}, K={ta.topk}, K'={ta.teacher_topk}, rho={ta.budget}, selector {ta.selector}")
-    summary = {"backend": "verl", "loss_mode": p.loss_mode, "vocab_size": p.vocab_size, "teacher_pool": p.teacher_pool}
+    summary = {"backend": "verl", "loss_mode": p.loss_mode, "vocab_size": p.vocab_size, "teacher_pool": p.teacher_pool,
+               "trainer_pool": p.pools.trainer}
     if cfg.ta_opd.get("dry_run", False):
         print("[ta-opd] dry run: configuration valid; not starting Ray")
         return summary
@@ -131,6 +190,9 @@ def run(cfg: DictConfig) -> dict:
     import json
 
     ta = ta_config(cfg.ta_opd)
+    if cfg.trainer.get("experiment_name") is None:
+        with open_dict(cfg):
+            cfg.trainer.experiment_name = run_name(cfg, ta)
     backend, why = choose_backend(str(cfg.ta_opd.backend))
     print(f"[ta-opd] backend: {backend} ({why})")
     if backend == "verl":
@@ -140,13 +202,32 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path="config", config_name="ta_opd_trainer", version_base=None)
-def main(cfg: DictConfig) -> None:
+def guarded(cfg: DictConfig) -> int:
+    """Run; a user mistake (bad value, missing or broken file, busy folder, full disk) prints
+    ``[ta-opd] error: ...`` and returns 2. Anything else propagates: a traceback is a bug."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from recipe.ta_opd.cpu.checkpoint import CheckpointError
+    from recipe.ta_opd.cpu.runlock import release_all
+
     try:
         run(cfg)
-    except (TAConfigError, TAInputError, FileNotFoundError) as e:
+        return 0
+    except (TAConfigError, TAInputError, FileNotFoundError, CheckpointError) as e:
         print(f"[ta-opd] error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except OmegaConfBaseException as e:  # e.g. an interpolation to a missing key
+        print(f"[ta-opd] error: configuration: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    finally:
+        release_all()
+
+
+@hydra.main(config_path="config", config_name="ta_opd_trainer", version_base=None)
+def main(cfg: DictConfig) -> None:
+    status = guarded(cfg)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

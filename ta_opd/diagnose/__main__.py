@@ -24,6 +24,46 @@ def _model(path: str, flag: str, device: str):
     return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).to(device).eval()
 
 
+def check_tokenizers(tok, other_paths: dict[str, str], models: dict) -> int:
+    """θτ's and the teacher's tokenizers must equal θ0's id by id (logit padding rows are fine:
+    ``ta_opd.vocab.shared_vocab_size``); returns the shared vocabulary V. A folder without a
+    tokenizer (e.g. a bare checkpoint) is compared by logit width only, and says so."""
+    from transformers import AutoTokenizer
+
+    from ta_opd.vocab import shared_vocab_size
+
+    widths = {k: m.config.vocab_size for k, m in models.items()}
+    V = len(tok)
+    for flag, path in other_paths.items():
+        try:
+            other = AutoTokenizer.from_pretrained(Path(path).expanduser())
+        except (OSError, ValueError):
+            print(f"[ta-opd diagnose] {flag}={path} has no tokenizer: assuming --theta0's")
+            continue
+        V = shared_vocab_size(tok.get_vocab(), other.get_vocab(), student_logits=widths["--theta0"],
+                              teacher_logits=widths[flag])
+    for flag, w in widths.items():
+        if w < V:
+            raise ValueError(f"{flag} has {w} logits, fewer than the tokenizer's {V} tokens")
+    return V
+
+
+def check_args(a) -> None:
+    """Numeric flags in range before any model is loaded (ValueError -> ``error:`` line, exit 2)."""
+    for flag in ("responses_per_prompt", "max_responses", "max_tokens", "n_boot"):
+        v = getattr(a, flag)
+        if v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}={v} is not allowed; it must be an integer >= 1")
+    if any(k < 1 for k in a.ks):
+        raise ValueError(f"--ks={a.ks} is not allowed; every K must be an integer >= 1")
+    if any(not (0 < b <= 1) for b in a.budgets):
+        raise ValueError(f"--budgets={a.budgets} is not allowed; every budget must be in (0, 1]")
+    if a.seed < 0:
+        raise ValueError(f"--seed={a.seed} is not allowed; it must be an integer >= 0")
+    if a.winsorize is not None and not (0 <= a.winsorize < 0.5):
+        raise ValueError(f"--winsorize={a.winsorize} is not allowed; it must be in [0, 0.5)")
+
+
 def main(argv=None) -> int:
     import pandas as pd
     from transformers import AutoTokenizer
@@ -50,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    check_args(a)
     t0 = time.time()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,6 +98,8 @@ def main(argv=None) -> int:
     tau = _model(a.theta_tau, "--theta-tau", a.device)
     teacher = _model(a.teacher, "--teacher", a.device)
     tok = AutoTokenizer.from_pretrained(Path(a.theta0).expanduser())
+    vocab_size = check_tokenizers(tok, {"--theta-tau": a.theta_tau, "--teacher": a.teacher},
+                                  {"--theta0": theta0, "--theta-tau": tau, "--teacher": teacher})
     if a.bank:
         bk = bank.load(a.bank)
     else:
@@ -74,7 +117,7 @@ def main(argv=None) -> int:
                               max_response_tokens=a.max_tokens, seed=a.seed)
         bk.to_parquet(out / "bank.parquet")
     df = score_bank(bk, theta0, tau, teacher, ks=tuple(a.ks), max_responses=a.max_responses,
-                    max_tokens=a.max_tokens, pad_id=tok.pad_token_id or 0, device=a.device)
+                    max_tokens=a.max_tokens, pad_id=tok.pad_token_id or 0, device=a.device, vocab_size=vocab_size)
     if a.relative_gain:
         undefined = int(df["gain_rel"].isna().sum())
         if undefined:

@@ -74,19 +74,18 @@ def sample_bank(model, tokenizer, rows: list[dict], *, responses_per_prompt: int
     """Sample responses from ``model`` (temperature 1.0) for verl-layout prompt rows."""
     import pandas as pd
 
-    from ta_opd.toy.generate import generate, response_logits
-    from ta_opd.toy.tokenizer import encode_prompt
+    from ta_opd.rollout import encode_prompt, generate, rollout_logits, special_ids, token_logp
 
+    special = special_ids(tokenizer, getattr(model, "generation_config", None))
     gen = torch.Generator().manual_seed(seed)
     out = []
     items = [(i, r) for i, r in enumerate(rows) for _ in range(responses_per_prompt)]
     for a in range(0, len(items), batch_size):
         chunk = items[a:a + batch_size]
-        prompts = [encode_prompt(tokenizer, r["prompt"]) for _, r in chunk]
-        ro = generate(model, prompts, max_new_tokens=max_response_tokens, eos_id=tokenizer.eos_token_id,
-                      pad_id=tokenizer.pad_token_id, temperature=1.0, generator=gen)
-        logits = response_logits(model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.responses.shape[1]).float()
-        logp = logits.gather(-1, ro.responses.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        prompts = [encode_prompt(tokenizer, r["prompt"], where=f"--prompts row {i}") for i, r in chunk]
+        ro = generate(model, prompts, max_new_tokens=max_response_tokens, eos_id=special.eos_ids,
+                      pad_id=special.pad_id, temperature=1.0, generator=gen)
+        logp = token_logp(rollout_logits(model, ro), ro.responses)  # (B, R)
         for j, ((i, r), p) in enumerate(zip(chunk, prompts)):
             n = int(ro.response_mask[j].sum())
             ids = ro.responses[j, :n].tolist()

@@ -59,7 +59,7 @@ def score_positions(theta0: torch.Tensor, theta_tau: torch.Tensor, teacher: torc
 
 def _batch_rows(rows, pad_id: int, max_tokens: int):
     """[left-padded prompt | right-padded response] ids, attention mask, P, R, response lengths."""
-    from ta_opd.toy.generate import left_pad
+    from ta_opd.rollout import left_pad
 
     prompts = [list(map(int, r["prompt_ids"])) for r in rows]
     resps = [list(map(int, r["response_ids"]))[:max_tokens] for r in rows]
@@ -75,16 +75,23 @@ def _batch_rows(rows, pad_id: int, max_tokens: int):
 
 @torch.no_grad()
 def score_bank(bank, theta0, theta_tau, teacher, *, ks=(8, 16, 32), max_responses: int | None = None,
-               max_tokens: int = 192, batch_size: int = 16, pad_id: int = 0, chunk_size: int = 8, device="cpu"):
-    """Per-position table of a context bank (a DataFrame with ta_opd.diagnose.bank's schema)."""
+               max_tokens: int = 192, batch_size: int = 16, pad_id: int = 0, chunk_size: int = 8, device="cpu",
+               vocab_size: int | None = None):
+    """Per-position table of a context bank (a DataFrame with ta_opd.diagnose.bank's schema).
+
+    vocab_size: the tokenizers' shared vocabulary (``ta_opd.vocab.shared_vocab_size``, checked id
+    by id); logits are sliced to it, so logit padding rows may differ between the models. None:
+    the three models' logit widths must be equal and are taken as the vocabulary."""
     import pandas as pd
 
-    from ta_opd.toy.generate import response_logits
+    from ta_opd.rollout import response_logits
 
     vocab = {name: m.config.vocab_size for name, m in (("θ0", theta0), ("θτ", theta_tau), ("teacher", teacher))}
-    if len(set(vocab.values())) != 1:
+    if vocab_size is None and len(set(vocab.values())) != 1:
         raise ValueError(f"models have different vocabularies (logit widths {vocab}); the diagnostic needs one")
-    V = next(iter(vocab.values()))
+    if vocab_size is not None and min(vocab.values()) < vocab_size:
+        raise ValueError(f"logit widths {vocab} are below the shared tokenizer vocabulary {vocab_size}")
+    V = vocab_size or next(iter(vocab.values()))
     rows = bank.to_dict("records")[: max_responses or None]
     top = max((max(map(int, r["prompt_ids"]), default=0), max(map(int, r["response_ids"]), default=0))
               for r in rows)
@@ -96,7 +103,8 @@ def score_bank(bank, theta0, theta_tau, teacher, *, ks=(8, 16, 32), max_response
         chunk = rows[a:a + batch_size]
         ids, mask, P, R, valid = _batch_rows(chunk, pad_id, max_tokens)
         ids, mask = ids.to(device), mask.to(device)
-        logits = [response_logits(m, ids, mask, P, R)[valid.to(device)].float().cpu() for m in (theta0, theta_tau, teacher)]
+        logits = [response_logits(m, ids, mask, P, R, V)[valid.to(device)].float().cpu()
+                  for m in (theta0, theta_tau, teacher)]  # 3 x (N, V)
         cols = score_positions(*logits, ks=ks, chunk_size=chunk_size)
         b_idx, t_idx = valid.nonzero(as_tuple=True)
         lengths = valid.sum(1)

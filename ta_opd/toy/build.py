@@ -6,7 +6,18 @@ into place only when complete. Layout under ``<cache_dir>/<key>/``:
 
     teacher/, student/     Hugging Face model folders (config, weights, tokenizer): load by path
     data/{train,val,test}.parquet   verl's dataset layout (see ta_opd.toy.task.to_rows)
-    manifest.json          spec, accuracies, the student's C distribution, build timings
+    manifest.json          spec, accuracies, the student's C distribution, build timings,
+                           and the build environment (torch version, threads, CPU capability)
+
+Reproducibility: the build runs in a child process pinned by ``BUILD_ENV``: one thread, and CPU
+code paths that do not depend on the machine's instruction set (ATen's generic kernels instead
+of its AVX2/AVX-512 ones, MKL's conditional-numerical-reproducibility "COMPATIBLE" path, oneDNN
+capped at SSE4.1), with deterministic algorithms. Measured on one machine, each of those three
+switches alone changes the built weights, so without them two x86 machines build different
+pairs from the same spec. Remaining dependence: the torch/MKL version and the CPU architecture
+family (x86 vs ARM), recorded in the manifest's ``build_environment``. ``BUILD_RECIPE`` and
+``BUILD_ENV`` are part of the cache key: bump the recipe whenever the build procedure changes, so
+an old cache is never reused for a new recipe.
 """
 
 from __future__ import annotations
@@ -17,17 +28,29 @@ import json
 import os
 import random
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ta_opd.toy import task
+from ta_opd.toy.tokenizer import VERSION as TOKENIZER_VERSION
 from ta_opd.toy.models import (STUDENT_ARCH, TEACHER_ARCH, build_model, greedy_accuracy, sft, sft_examples)
 
 DEFAULT_CACHE = Path(os.environ.get("TA_OPD_CACHE", Path.home() / ".cache" / "ta_opd")) / "toy"
+# The build procedure's version, hashed into the cache key with the spec and BUILD_ENV.
+# 1: in-process with the caller's threads and the CPU's native kernels; 2: a pinned child process.
+BUILD_RECIPE = 2
+BUILD_THREADS = 1
+# The child process's environment (read by torch/MKL/oneDNN at import, hence a child process).
+BUILD_ENV = {"OMP_NUM_THREADS": str(BUILD_THREADS), "MKL_NUM_THREADS": str(BUILD_THREADS),
+             "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,8 @@ class ToySpec:
 
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True) + json.dumps([TEACHER_ARCH, STUDENT_ARCH], sort_keys=True)
+        blob += json.dumps({"build_recipe": BUILD_RECIPE, "build_env": BUILD_ENV}, sort_keys=True)
+        blob += json.dumps({"tokenizer": TOKENIZER_VERSION})
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -77,10 +102,10 @@ def load_or_build(cache_dir: str | Path | None = None, spec: ToySpec = ToySpec()
         return _paths(root, json.loads(manifest.read_text()))
     log(f"toy pair: building into {root} (once; later runs load the cache)")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent))
+    clean_stale_builds(root.parent, log)
+    tmp = Path(tempfile.mkdtemp(prefix=f".building-{socket.gethostname()}-{os.getpid()}-", dir=root.parent))
     try:
-        info = _build(tmp, spec, log)
-        (tmp / "manifest.json").write_text(json.dumps(info, indent=2))
+        _build_in_child(tmp, spec, log)
         try:
             os.replace(tmp, root)
         except OSError:  # another process finished first: use its build
@@ -89,6 +114,89 @@ def load_or_build(cache_dir: str | Path | None = None, spec: ToySpec = ToySpec()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _paths(root, json.loads(manifest.read_text()))
+
+
+def _build_in_child(out: Path, spec: ToySpec, log) -> None:
+    """Run :func:`_build` in a child process with ``BUILD_ENV`` (see the module docstring); its
+    log lines are forwarded to ``log``; it writes ``out/manifest.json`` last."""
+    pkg_root = str(Path(__file__).resolve().parents[2])  # so the child imports this same ta_opd
+    env = {**os.environ, **BUILD_ENV,
+           "PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "ta_opd.toy.build", "--build-into", str(out), "--spec", json.dumps(asdict(spec))]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("toy pair:") or line.startswith("  sft step"):
+                log(line.rstrip("\n"))
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted: do not leave a build running
+            proc.kill()
+            proc.wait()
+    if code != 0 or not (out / "manifest.json").exists():
+        tail = "\n".join(lines[-30:])
+        raise RuntimeError(f"the toy build process failed (exit code {code}); its last output:\n{tail}")
+
+
+def _child_main(out: str, spec_json: str) -> None:
+    spec = ToySpec(**json.loads(spec_json))
+    with deterministic_build():
+        info = _build(Path(out), spec, lambda m: print(m, flush=True))
+    (Path(out) / "manifest.json").write_text(json.dumps(info, indent=2))
+
+
+def clean_stale_builds(parent: Path, log=print) -> list[str]:
+    """Remove ``.building-<host>-<pid>-*`` folders of killed builds on this host (the pid is gone);
+    builds still running, or on another host sharing the cache, are left alone."""
+    gone = []
+    for p in parent.glob(".building-*"):
+        try:
+            head, pid, _ = p.name.rsplit("-", 2)
+            host, pid = head[len(".building-"):], int(pid)
+        except ValueError:
+            continue  # not one of ours
+        if host != socket.gethostname() or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still building
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p.name)
+        log(f"toy pair: removed {p.name}, left by a killed build (pid {pid})")
+    return gone
+
+
+@contextmanager
+def deterministic_build(threads: int = BUILD_THREADS):
+    """Run the block on ``threads`` intra-op threads with deterministic algorithms, then restore
+    the caller's settings (the thread count decides how CPU kernels split their reductions, and
+    so the float rounding of every SFT step)."""
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        torch.set_num_threads(prev_threads)
+
+
+def build_environment() -> dict:
+    """What the pair's floats depend on besides the spec (recorded in the manifest)."""
+    import platform
+
+    return {"build_recipe": BUILD_RECIPE, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+            "env": {k: os.environ.get(k) for k in BUILD_ENV}}
 
 
 def _render(rng: random.Random, semicolon_share: float, r_share: float, corrupt: random.Random | None):
@@ -144,6 +252,7 @@ def _build(out: Path, spec: ToySpec, log) -> dict:
             "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "student_params": sum(p.numel() for p in student.parameters()),
             "teacher_accuracy": acc_t, "student_accuracy": acc_s, "compatibility": c_report,
+            "build_environment": build_environment(),
             "seconds": {"data": t1 - t0, "teacher_sft": t2 - t1, "student_sft": t3 - t2, "total": time.time() - t0}}
 
 
@@ -151,17 +260,12 @@ def _build(out: Path, spec: ToySpec, log) -> dict:
 def compatibility_report(student, teacher, tok, problems, k: int, seed: int) -> dict:
     """Distribution of C (Eq. 10) on student rollouts, scored exactly (dense path)."""
     from ta_opd.stats import dense_position_stats
-    from ta_opd.toy.generate import generate, position_ids
-    from ta_opd.toy.tokenizer import encode_prompt
+    from ta_opd.rollout import encode_prompt, generate, rollout_logits
 
     prompts = [encode_prompt(tok, [{"role": "user", "content": p.prompt}]) for p in problems]
     ro = generate(student, prompts, max_new_tokens=40, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                   temperature=1.0, generator=torch.Generator().manual_seed(seed))
-    pos = position_ids(ro.attention_mask)
-    P = ro.prompt_len
-    s = student(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits[:, P - 1:-1]
-    t = teacher(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits[:, P - 1:-1]
-    st = dense_position_stats(s, t, topk=k)
+    st = dense_position_stats(rollout_logits(student, ro), rollout_logits(teacher, ro), topk=k)  # (B, R) each
     c = st.C[ro.response_mask]
     qs = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
     return {"positions": int(c.numel()), "frac_C_below_0.5": float((c < 0.5).float().mean()),
@@ -172,7 +276,12 @@ def compatibility_report(student, teacher, tok, problems, k: int, seed: int) -> 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="build or locate the cached toy teacher-student pair")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--build-into", default=None, help=argparse.SUPPRESS)  # internal: the pinned child
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.build_into is not None:
+        _child_main(a.build_into, a.spec)
+        return
     pair = load_or_build(a.cache_dir)
     print(json.dumps({k: str(v) for k, v in asdict(pair).items() if k != "manifest"}, indent=2))
     print(json.dumps(pair.manifest, indent=2))

@@ -27,10 +27,13 @@ def packed_logits(model, micro_batch) -> torch.Tensor:
     return torch.cat(outs, dim=0).unsqueeze(0)
 
 
-def forward_backward(model, data, loss_fn, *, forward_only: bool, logits_hook=None):
-    """Returns (output dict of postprocess_batch_func, summed loss tensor or None)."""
-    batch_num_tokens = data["loss_mask"].sum()
-    tu.assign_non_tensor(data, batch_num_tokens=batch_num_tokens.item(), dp_size=1, sp_size=1)
+def forward_backward(model, data, loss_fn, *, forward_only: bool, logits_hook=None, dp_size: int = 1,
+                     batch_num_tokens: int | None = None):
+    """Returns (output dict of postprocess_batch_func, summed loss tensor or None). To simulate
+    one of several DP ranks, pass dp_size and the GLOBAL batch_num_tokens (verl all-reduces it)."""
+    if batch_num_tokens is None:
+        batch_num_tokens = int(data["loss_mask"].sum())
+    tu.assign_non_tensor(data, batch_num_tokens=batch_num_tokens, dp_size=dp_size, sp_size=1)
     micro_batches, indices = prepare_micro_batches(data=data, dp_group=None, same_micro_num_in_dp=True)
     output_lst, total = [], None
     for mb in micro_batches:

@@ -192,3 +192,18 @@ def test_teacher_request_is_padded_to_the_group(ray_cpu, models):
     want = compute_teacher_fields(models["teacher"], raw, cfg)
     for k, v in want.items():
         torch.testing.assert_close(got.batch[k], v, atol=1e-5, rtol=0, msg=k)
+
+
+def test_the_recipes_grader_is_verls_default_scorer_unless_the_user_sets_one():
+    """Toy data has a data_source verl does not know: without the recipe's grader, verl's reward
+    loop raised NotImplementedError on step 1."""
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    from recipe.ta_opd.grading import compute_score
+
+    cfg, _ = _plan()
+    assert cfg.reward.custom_reward_function.path == "pkg://recipe.ta_opd.verl_backend.reward"
+    fn = get_custom_reward_fn(cfg)  # verl's own loader resolves it
+    assert fn("ta_opd_toy_addition", "A:12", "12") == compute_score("ta_opd_toy_addition", "A:12", "12")
+    cfg, _ = _plan("reward.custom_reward_function.path=/mine.py", "reward.custom_reward_function.name=f")
+    assert (cfg.reward.custom_reward_function.path, cfg.reward.custom_reward_function.name) == ("/mine.py", "f")

@@ -19,7 +19,7 @@ from recipe.ta_opd.verl_backend import fields as F
 from recipe.ta_opd.verl_backend.losses import make_actor_loss
 from recipe.ta_opd.verl_backend.trainer import apply_selection
 from recipe.ta_opd.verl_backend.validate import plan
-from ta_opd.losses import LossInputs, compute_loss
+from ta_opd.losses import LossInputs, compute_loss, topk_logp_and_rest
 from ta_opd.select import select_positions
 from ta_opd.stats import PositionStats, sparse_position_stats
 from tests.verl.engine_sim import forward_backward
@@ -257,10 +257,10 @@ def test_topk_losses_through_the_update_processor_equal_ta_opd(models, rollout, 
     logits = model(input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"],
                    position_ids=rollout["position_ids"]).logits[:, P - 1 : P - 1 + R, :VOCAB]
     ids = rollout[F.TEACHER_IDS][:, P - 1 : P - 1 + R, : ta.topk].long()
-    s_lp = torch.log_softmax(logits.float(), -1).gather(-1, ids)
+    s_lp, s_rest = topk_logp_and_rest(logits, ids)
     t_lp = rollout[F.TEACHER_LOGPROBS][:, P - 1 : P - 1 + R, : ta.topk]
-    want = compute_loss(loss, LossInputs(mask=mask & valid, student_topk_logp=s_lp, teacher_topk_logp=t_lp),
-                        loss_agg=ta.loss_agg)
+    want = compute_loss(loss, LossInputs(mask=mask & valid, student_topk_logp=s_lp, student_rest_logp=s_rest,
+                                         teacher_topk_logp=t_lp), loss_agg=ta.loss_agg)
     want.loss.backward()
     assert float(want.loss) > 0
     torch.testing.assert_close(got, want.loss.detach(), atol=1e-6, rtol=1e-5)
@@ -287,3 +287,115 @@ def test_vllm_teacher_sampled_logp_from_top_k(rollout):
     kth = rollout[F.TEACHER_LOGPROBS][:, P - 1 : P - 1 + R, -1]
     assert bool((got[outside] <= kth[outside] + 1e-6).all())
     assert m["ta_opd/teacher/sampled_missing_fraction"] == pytest.approx(float(outside.sum() / valid.sum()))
+
+
+def test_forward_topk_kl_equals_verls_forward_kl_topk_where_the_forms_coincide():
+    """Where the teacher's top-K holds all of its mass (rest bin 0), our (K + 1)-bin forward KL is
+    verl's forward_kl_topk (its FSDP logits-processor function, which computes the per-token loss;
+    verl's final loss function only unpads and clamps it at >= 0): same per-token values and the
+    same gradient on the student's logits."""
+    from verl.trainer.distillation.fsdp.losses import compute_forward_kl_topk as verl_processor
+
+    from ta_opd.losses import topk_kl_per_token
+
+    _, actor_cfg, dist_cfg = configs(loss_mode="forward_kl_topk")
+    # our plan keeps verl's clamps off: log_prob_min_clamp would cut the gradient of student log-probs
+    # below it, loss_max_clamp that of per-token losses above it (ours included: verl applies it to
+    # every registered distillation loss)
+    assert dist_cfg.distillation_loss.log_prob_min_clamp is None and dist_cfg.distillation_loss.loss_max_clamp is None
+    assert configs()[2].distillation_loss.loss_max_clamp is None
+    gen = torch.Generator().manual_seed(0)
+    lens, K, V = [4, 3], 5, VOCAB
+    N = sum(lens)
+    logits = torch.randn(1, N, V, generator=gen).requires_grad_(True)  # (1, nnz, V) packed
+    ids = torch.stack([torch.randperm(V, generator=gen)[:K] for _ in range(N)])  # (N, K) distinct
+    t_lp = torch.log_softmax(2 * torch.randn(N, K, generator=gen), -1)  # all the teacher's mass on its K ids
+    offsets = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    nested = lambda x: torch.nested.nested_tensor_from_jagged(x, offsets)  # noqa: E731
+    out = verl_processor(student_logits=logits, teacher_topk_log_probs=nested(t_lp), teacher_topk_ids=nested(ids),
+                         config=dist_cfg, data_format="thd")
+    theirs = out["distillation_losses"][0].clamp_min(0.0)  # (N,); verl's final loss then clamps at 0
+    g_theirs, = torch.autograd.grad(theirs.sum(), logits)
+
+    s_lp, s_rest = topk_logp_and_rest(logits[0], ids)
+    ours = topk_kl_per_token(s_lp, s_rest, t_lp, reverse=False)  # (N,)
+    g_ours, = torch.autograd.grad(ours.sum(), logits)
+    assert float(ours.min()) > 0
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["pg_opd", "topk_forward_kl"])
+def test_an_empty_micro_batch_aggregates_across_two_dp_ranks(models, rollout, loss, monkeypatch):
+    """Issue 9: rank 1's first micro-batch keeps no position. Each rank runs our loss through
+    verl's micro-batching and postprocess_batch_func; then verl's own cross-rank path:
+    allgather_dict_into_dict (all_gather_object stubbed to hand over both ranks' dicts) and the
+    Metric.aggregate_dp loop of ActorRolloutRefWorker.train_mini_batch (engine_workers.py ~l.323).
+    Before the fix the empty micro-batch returned {} and aggregate_dp raised ValueError."""
+    from itertools import chain
+
+    import verl.utils.torch_functional as vtf
+    from verl.utils.metric import Metric
+    from verl.utils.metric.utils import reduce_metrics
+    from verl.utils.py_functional import append_to_dict
+
+    model = models["student"]
+    ta, actor_cfg, dist_cfg, logp, valid, mask = _selected(models, rollout, "ta_opd.budget=0.5", f"ta_opd.loss={loss}")
+    batch = _update_batch(rollout, mask, logp.detach())
+    B = batch["input_ids"].shape[0]
+    shards = [{k: v[: B // 2] for k, v in batch.items()}, {k: v[B // 2:] for k, v in batch.items()}]
+    shards[1]["response_mask"][:2] = 0  # rank 1's first micro-batch (2 sequences) keeps nothing
+    kept = [s["response_mask"].bool() for s in shards]
+    n_global = int(sum(k.sum() for k in kept))
+    assert all(int(k.sum()) > 0 for k in kept)
+    topk = loss != "pg_opd"
+    per_rank = []
+    for shard in shards:
+        td = to_td(shard, calculate_entropy=False, compute_loss=True, global_batch_size=B,
+                   distillation_use_topk=topk, distillation_only=topk, **MICRO[0])
+        out, _ = forward_backward(model, td, make_actor_loss(actor_cfg, dist_cfg, ta, VOCAB), forward_only=False,
+                                  dp_size=2, batch_num_tokens=n_global)
+        per_rank.append(out["metrics"])
+    assert per_rank[0].keys() == per_rank[1].keys()
+
+    monkeypatch.setattr(vtf.torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(vtf.torch.distributed, "all_gather_object",
+                        lambda out, obj, group=None: out.__setitem__(slice(None), per_rank))
+    gathered = vtf.allgather_dict_into_dict(data=per_rank[0], group=object())
+    output = {k: (Metric.aggregate_dp(v) if isinstance(v[0], Metric) else list(chain.from_iterable(v)))
+              for k, v in gathered.items()}
+    final = {}
+    append_to_dict(final, output)
+    final = reduce_metrics(final)
+
+    if loss == "pg_opd":  # the global token mean over both ranks' kept positions
+        want = float(torch.cat([(s["old_log_probs"] - s[F.TEACHER_LOGP])[k] for s, k in zip(shards, kept)]).mean())
+        assert final["ta_opd/loss/sampled_kl"] == pytest.approx(want, rel=1e-5)
+        assert final["ta_opd/loss/clipfrac"] == 0.0  # on-policy
+    else:
+        assert 0 < final["ta_opd/loss/student_topk_mass"] < 1 and final["ta_opd/loss/topk_kl"] > 0
+    assert final["distillation/loss_min"] <= final["distillation/loss_max"]
+    assert all(v == v and abs(v) != float("inf") for v in final.values())  # no NaN / inf reaches the logger
+
+
+def test_topk_processor_refuses_a_nan_teacher_value_at_a_kept_row(models, rollout):
+    """Issue 14: a NaN teacher log-prob at a kept row must not become a silent top-K loss value."""
+    from recipe.ta_opd.verl_backend.losses import topk_kl_outputs
+    from ta_opd.errors import TAInputError
+
+    ta, actor_cfg, dist_cfg, logp, valid, mask = _selected(models, rollout, "ta_opd.budget=0.3",
+                                                           "ta_opd.loss=topk_forward_kl", step=2)
+    batch = _update_batch(rollout, mask, logp.detach())
+    kept = batch["response_mask"].bool()
+    b, t = (int(i) for i in kept.nonzero()[0])
+    R = rollout["responses"].shape[1]
+    P = rollout["input_ids"].shape[1] - R
+    batch[F.TEACHER_LOGPROBS] = batch[F.TEACHER_LOGPROBS].clone()
+    batch[F.TEACHER_LOGPROBS][b, P - 1 + t, 0] = float("nan")
+    td = to_td(batch, calculate_entropy=False, compute_loss=True, global_batch_size=8, distillation_use_topk=True,
+               distillation_only=True, **MICRO[0])
+    mb = _micro_batches(td)
+    logits = [torch.randn(1, int(m["input_ids"].values().shape[0]), 104) for m in mb]
+    with pytest.raises(TAInputError, match="teacher's top-K log-probs .*nan.* at packed row"):
+        for m, x in zip(mb, logits):
+            topk_kl_outputs(x, m, ta, VOCAB, reverse=False)

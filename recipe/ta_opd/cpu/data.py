@@ -24,8 +24,17 @@ def load_rows(path: str | Path) -> list[dict]:
     if len(df) == 0:
         raise TAInputError(f"dataset {str(path)!r} is empty")
     rows = df.to_dict("records")
-    for r in rows:  # parquet gives numpy arrays of dicts; the chat template wants lists
-        r["prompt"] = [dict(m) for m in r["prompt"]]
+    for i, r in enumerate(rows):  # parquet gives numpy arrays of dicts; the chat template wants lists
+        msgs = r["prompt"]
+        if isinstance(msgs, str) or not hasattr(msgs, "__len__") or not all(isinstance(m, dict) for m in msgs):
+            raise TAInputError(
+                f"dataset {str(path)!r} row {i}: 'prompt' is {type(msgs).__name__} {str(msgs)[:60]!r}; verl's layout "
+                "holds a list of chat messages, e.g. [{'role': 'user', 'content': '...'}] (rendered with the "
+                "tokenizer's chat template)")
+        r["prompt"] = [dict(m) for m in msgs]
+        for key in ("reward_model", "extra_info"):
+            if isinstance(r.get(key), dict):
+                r[key] = dict(r[key])
     return rows
 
 

@@ -1,35 +1,28 @@
-"""One TA-OPD step's tensor work on CPU: aligned logits, teacher outputs, statistics, update.
+"""One TA-OPD step's tensor work on CPU: teacher outputs, statistics, selection, update.
 
-Alignment: a rollout row is [left-padded prompt (P) | response (R)]; the logits at position
-P - 1 + t score response token t, so response logits are ``logits[:, P-1 : P-1+R]``.
+Logits are aligned to response tokens by ``ta_opd.rollout`` (the logits at position P - 1 + t
+score response token t). The update builds every field of ``ta_opd.losses.LossInputs`` it can
+provide and dispatches by name through the loss registry, so a newly registered loss that reads
+those fields runs here without an edit to this file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from ta_opd.config import TAConfig
 from ta_opd.losses import LossInputs, compute_loss
+from ta_opd.rollout import Rollout, rollout_logits, token_logp
 from ta_opd.select import Selection, select_positions
-from ta_opd.stats import PositionStats, sparse_position_stats
+from ta_opd.stats import PositionStats, sparse_position_stats, student_topk
 from ta_opd.teacher_outputs import TeacherOutputs, teacher_outputs
-from ta_opd.toy.generate import Rollout
-from ta_opd.toy.generate import response_logits as lm_response_logits
 
 
 def response_logits(model, ro: Rollout, vocab_size: int | None = None) -> torch.Tensor:
-    """(B, R, V) logits that score each response token (see module docstring), sliced to the
-    tokenizer's vocabulary when the model has padding rows (e.g. 152,064 logits for 151,936 tokens)."""
-    logits = lm_response_logits(model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.responses.shape[1])
-    return logits if vocab_size is None else logits[..., :vocab_size]
-
-
-def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per position, fp32, without a (B, R, V) log-prob tensor. -> (B, R)"""
-    lf = logits.float()
-    return lf.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lf, dim=-1)
+    """(B, R, V) logits that score each response token (``ta_opd.rollout.rollout_logits``)."""
+    return rollout_logits(model, ro, vocab_size)
 
 
 @dataclass(frozen=True)
@@ -50,13 +43,15 @@ def score_batch(student, teacher, ro: Rollout, cfg: TAConfig, step: int, vocab_s
     t_logits = response_logits(teacher, ro, vocab_size)
     s_valid = s_logits[valid]  # (N, V)
     y = ro.responses[valid]
-    # With compatibility "exact" the teacher also returns its log-probs at the student's top-K.
-    extra = s_valid.topk(cfg.topk, dim=-1).indices if cfg.compatibility == "exact" else None
+    # The student's top-K, once per position: the statistics reuse it, and with compatibility
+    # "exact" the teacher also returns its log-probs at those ids.
+    s_top = student_topk(s_valid, topk=cfg.topk, entropy=cfg.entropy, **cfg.stats_chunking())
+    extra = s_top.ids if cfg.compatibility == "exact" else None
     tout = teacher_outputs(t_logits[valid], y, topk=cfg.teacher_topk, extra_ids=extra, chunk_size=cfg.chunk_size)
     stats = sparse_position_stats(
         s_valid, tout.topk_ids, tout.topk_logp, topk=cfg.topk, teacher_extra_ids=extra,
         teacher_extra_logp=tout.extra_logp, sampled_ids=y, teacher_sampled_logp=tout.sampled_logp,
-        teacher_entropy=tout.entropy, entropy=cfg.entropy, chunk_size=cfg.chunk_size,
+        teacher_entropy=tout.entropy, entropy=cfg.entropy, student=s_top, **cfg.stats_chunking(),
     ).scatter(valid)
     teacher_logp = torch.zeros_like(old_logp)
     teacher_logp[valid] = tout.sampled_logp
@@ -64,25 +59,40 @@ def score_batch(student, teacher, ro: Rollout, cfg: TAConfig, step: int, vocab_s
     return ScoredBatch(old_logp, tout, teacher_logp, stats, sel)
 
 
+def loss_inputs(logits: torch.Tensor, ro: Rollout, scored: ScoredBatch, cfg: TAConfig) -> LossInputs:
+    """Every LossInputs field the CPU backend provides, from the update's (B, R, V) logits.
+
+    The student's log-probs at the teacher's top-K ids share the log-partition of the sampled
+    token's log-prob, so they cost a (B, R, K) gather, never a (B, R, V) log-prob tensor."""
+    valid = ro.response_mask
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)  # (B, R, 1)
+    k = cfg.topk
+    t_ids = torch.zeros(*valid.shape, k, dtype=torch.long)  # (B, R, K) teacher's top-K ids, 0 at padding
+    t_lp = torch.zeros(*valid.shape, k)  # (B, R, K)
+    t_ids[valid] = scored.teacher.topk_ids[:, :k].long()
+    t_lp[valid] = scored.teacher.topk_logp[:, :k].float()
+    available = {
+        "mask": scored.selection.mask & valid,  # (B, R) kept positions
+        "log_prob": (lf.gather(-1, ro.responses.unsqueeze(-1)) - lse).squeeze(-1),  # (B, R)
+        "old_log_prob": scored.old_logp,
+        "teacher_log_prob": scored.teacher_logp,
+        "student_topk_logp": lf.gather(-1, t_ids) - lse,  # (B, R, K)
+        # (B, R) log-mass on every other id, exact (a logsumexp over the other logits; one (B, R, V) copy)
+        "student_rest_logp": lf.scatter(-1, t_ids, float("-inf")).logsumexp(-1) - lse.squeeze(-1),
+        "teacher_topk_logp": t_lp,
+    }
+    # a field this backend does not provide stays None; a loss that needs it says so by name
+    return LossInputs(**{f.name: available[f.name] for f in fields(LossInputs) if f.name in available})
+
+
 def update(student, optimizer, ro: Rollout, scored: ScoredBatch, cfg: TAConfig, grad_clip: float,
            vocab_size: int | None = None) -> dict:
-    """One optimizer step of the registered loss on the kept positions (Eq. 7)."""
+    """One optimizer step of the registered loss ``cfg.loss`` on the kept positions (Eq. 7)."""
     student.train()
     logits = response_logits(student, ro, vocab_size)
-    mask = scored.selection.mask & ro.response_mask
-    if cfg.loss == "pg_opd":
-        inp = LossInputs(mask=mask, log_prob=token_logp(logits, ro.responses), old_log_prob=scored.old_logp,
-                         teacher_log_prob=scored.teacher_logp)
-    else:  # top-K distribution losses on the teacher's top-K support
-        valid = ro.response_mask
-        k = cfg.topk
-        t_ids = torch.zeros(*valid.shape, k, dtype=torch.long)
-        t_lp = torch.zeros(*valid.shape, k)
-        t_ids[valid] = scored.teacher.topk_ids[:, :k].long()
-        t_lp[valid] = scored.teacher.topk_logp[:, :k].float()
-        s_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, t_ids)
-        inp = LossInputs(mask=mask, student_topk_logp=s_lp, teacher_topk_logp=t_lp)
-    out = compute_loss(cfg.loss, inp, clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_agg=cfg.loss_agg)
+    out = compute_loss(cfg.loss, loss_inputs(logits, ro, scored, cfg), clip_low=cfg.clip_low,
+                       clip_high=cfg.clip_high, loss_agg=cfg.loss_agg)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)

@@ -4,7 +4,8 @@ Per step: G samples per prompt from the student (temperature from the rollout co
 cache) -> the student's old log-prob pass (full logits) -> teacher top-K' outputs (plus its
 log-probs at the student's top-K when compatibility is exact) -> statistics -> normalization
 and selection over the WHOLE batch -> one PG-OPD optimizer step on the kept positions ->
-periodic greedy evaluation. Checkpoints are atomic and resumable.
+periodic evaluation on held-out prompts (task accuracy graded by data_source, and the held-out
+teacher–student KL). Checkpoints are atomic and resumable.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipe.ta_opd.cpu import checkpoint, report
+from recipe.ta_opd.cpu import checkpoint, identity, preflight, report, runlock
 from recipe.ta_opd.cpu.data import PromptStream, load_rows
+from recipe.ta_opd.cpu.evaluate import greedy_texts, heldout_kl
 from recipe.ta_opd.cpu.step import score_batch, update
+from recipe.ta_opd.grading import Grader
 from ta_opd.config import TAConfig
 from ta_opd.diagnose import bank
+from ta_opd.errors import TAConfigError
+from ta_opd.rollout import encode_prompt, generate, special_ids
 from ta_opd.vocab import shared_vocab_size
-from ta_opd.toy.generate import generate
-from ta_opd.toy.models import greedy_accuracy
-from ta_opd.toy.task import is_correct
-from ta_opd.toy.tokenizer import encode_prompt
 
 
 @dataclass(frozen=True)
@@ -57,26 +58,45 @@ class CPURunConfig:
     ta: TAConfig = field(default_factory=TAConfig)
     rollout_dir: str | None = None  # write each step's rollouts here (context-bank schema)
     vocab_mismatch_ok_ids: tuple[int, ...] = ()  # token ids explicitly allowed to differ between tokenizers
+    pair: str = "the CPU toy"  # which teacher-student pair, for titles and summary.json
+    heldout_kl_prompts: int = 64  # validation prompts of the held-out KL (first n of the validation set)
+    eval_batch_size: int = 256  # sequences per evaluation forward / generation batch
+    chat_template_kwargs: dict = field(default_factory=dict)  # data.apply_chat_template_kwargs (verl's key)
+    max_ckpt_to_keep: int | None = None  # newest checkpoints kept (trainer.max_actor_ckpt_to_keep; None: all)
+
+    def __post_init__(self) -> None:
+        preflight.check_run_config(self)  # every knob in range before anything is loaded
 
 
-def _load(path: str):
+def _load(path: str, key: str = "model path"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not (Path(path) / "config.json").is_file():
+        raise TAConfigError(f"{key}={path} holds no config.json: give a Hugging Face model folder "
+                            "(config.json, weights, tokenizer files)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 
 class CPUTrainer:
-    def __init__(self, cfg: CPURunConfig, tracker=None, log=print):
+    def __init__(self, cfg: CPURunConfig, tracker=None, log=print, grader: Grader | None = None):
         self.cfg, self.log = cfg, log
-        self.student, self.tok = _load(cfg.student_path)
-        self.teacher, t_tok = _load(cfg.teacher_path)
+        self.student, self.tok = _load(cfg.student_path, "actor_rollout_ref.model.path")
+        self.teacher, t_tok = _load(cfg.teacher_path, "ta_opd.teacher_model_path")
+        preflight.check_finite_weights(self.student, "actor_rollout_ref.model.path")
+        preflight.check_finite_weights(self.teacher, "ta_opd.teacher_model_path")
         self.vocab_size = check_vocab(self.tok, t_tok, self.student, self.teacher, cfg.vocab_mismatch_ok_ids)
         cfg.ta.check_vocab(self.vocab_size)
+        self.special = special_ids(self.tok, self.student.generation_config, name=cfg.student_path)
+        if self.special.pad_is_eos:
+            log(f"[ta-opd] the tokenizer has no pad token: padding with the EOS id {self.special.pad_id} "
+                "(padding is masked out everywhere)")
+        self.grader = grader or Grader(log=log)
         self.train_rows = load_rows(cfg.train_file)
         self.val_rows = load_rows(cfg.val_file)[: cfg.eval_size]
         self.test_rows = load_rows(cfg.test_file)[: cfg.eval_size] if cfg.test_file else self.val_rows
+        self._prompt_ids: dict[int, list[int]] = {}  # id(row) -> chat-templated prompt ids, encoded once
         self.stream = PromptStream(self.train_rows, cfg.prompts_per_step, cfg.seed)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=cfg.betas)
@@ -89,13 +109,15 @@ class CPUTrainer:
         self.before: dict = {}
         self.tracker = tracker
         self.ckpt_dir = Path(cfg.out_dir) / "checkpoints"
+        self.identity = identity.of(cfg)  # stored with each checkpoint; a resume must match it
 
     # --- state -----------------------------------------------------------------------------
     def state(self) -> dict:
         return {"step": self.step, "model": self.student.state_dict(), "optimizer": self.opt.state_dict(),
                 "sampler_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
-                "stream": self.stream.state_dict(), "history": self.history, "before": self.before}
+                "stream": self.stream.state_dict(), "history": self.history, "before": self.before,
+                "identity": self.identity}
 
     def load_state(self, s: dict) -> None:
         self.step = int(s["step"])
@@ -109,30 +131,60 @@ class CPUTrainer:
         self.history, self.before = list(s["history"]), dict(s["before"])
 
     def maybe_resume(self) -> None:
+        """Resume the newest loadable checkpoint of THIS run (same identity), if any."""
+        gone = checkpoint.clean_tmp(self.ckpt_dir)  # leftovers of a killed save (we hold the run lock)
+        if gone:
+            self.log(f"[ta-opd] removed {len(gone)} temporary folder(s) of an interrupted save: {', '.join(gone)}")
         if self.cfg.resume_mode == "disable":
+            if checkpoint.step_dirs(self.ckpt_dir):
+                self.log(f"[ta-opd] trainer.resume_mode=disable: starting over; this run's checkpoints replace "
+                         f"those in {self.ckpt_dir}")
             return
-        path = checkpoint.latest(self.ckpt_dir)
-        if path is not None:
-            self.load_state(checkpoint.load(path))
+        found = checkpoint.load_latest(self.ckpt_dir, warn=self.log)
+        if found is not None:
+            path, state = found
+            identity.check_resume(state.get("identity"), self.identity, path)
+            self.load_state(state)
             self.log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path:
-        return checkpoint.save(self.ckpt_dir, self.step, self.state(), self.student, self.tok)
+        return checkpoint.save(self.ckpt_dir, self.step, self.state(), self.student, self.tok,
+                               keep=self.cfg.max_ckpt_to_keep)
+
+    def prompt(self, row: dict) -> list[int]:
+        """The row's prompt through the tokenizer's chat template (cached)."""
+        key = id(row)
+        if key not in self._prompt_ids:
+            self._prompt_ids[key] = encode_prompt(self.tok, row["prompt"], where=f"row {bank.prompt_key(row, -1)}",
+                                                  chat_template_kwargs=self.cfg.chat_template_kwargs)
+        return self._prompt_ids[key]
 
     # --- evaluation ------------------------------------------------------------------------
-    def accuracy(self, model, rows: list[dict]) -> float:
-        return greedy_accuracy(model, self.tok, [r["prompt"] for r in rows],
-                               [r["reward_model"]["ground_truth"] for r in rows],
-                               max_new_tokens=self.cfg.max_response_length)
+    def accuracy(self, model, rows: list[dict]) -> float | None:
+        """Greedy task accuracy graded by data_source (None when no row's data source is scorable)."""
+        texts = greedy_texts(model, self.tok, [self.prompt(r) for r in rows], self.special,
+                             max_new_tokens=self.cfg.max_response_length, batch_size=self.cfg.eval_batch_size)
+        return self.grader.accuracy(rows, texts)
+
+    def heldout(self) -> dict[str, float]:
+        """Held-out teacher–student KL on the validation prompts (recipe/ta_opd/cpu/evaluate.py)."""
+        cfg = self.cfg
+        rows = self.val_rows[: cfg.heldout_kl_prompts]
+        return heldout_kl(self.student, self.teacher, [self.prompt(r) for r in rows], self.special,
+                          max_new_tokens=cfg.max_response_length, temperature=cfg.temperature, seed=cfg.seed,
+                          vocab_size=self.vocab_size, batch_size=cfg.eval_batch_size, chunk_size=cfg.ta.chunk_size)
+
+    def evaluate(self) -> dict:
+        return {"val/student_accuracy": self.accuracy(self.student, self.val_rows), **self.heldout()}
 
     # --- the loop --------------------------------------------------------------------------
     def train_step(self) -> dict:
         cfg = self.cfg
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rows = self.stream.next_batch()
-        prompts = [encode_prompt(self.tok, r["prompt"]) for r in rows for _ in range(cfg.n_samples)]
-        ro = generate(self.student, prompts, max_new_tokens=cfg.max_response_length, eos_id=self.tok.eos_token_id,
-                      pad_id=self.tok.pad_token_id, temperature=cfg.temperature, generator=self.gen)
+        prompts = [self.prompt(r) for r in rows for _ in range(cfg.n_samples)]
+        ro = generate(self.student, prompts, max_new_tokens=cfg.max_response_length, eos_id=self.special.eos_ids,
+                      pad_id=self.special.pad_id, temperature=cfg.temperature, generator=self.gen)
         t1 = time.perf_counter()
         scored = score_batch(self.student, self.teacher, ro, cfg.ta, step=self.step, vocab_size=self.vocab_size)
         t2 = time.perf_counter()
@@ -140,16 +192,17 @@ class CPUTrainer:
         t3 = time.perf_counter()
         valid = ro.response_mask
         texts = self.tok.batch_decode(ro.responses, skip_special_tokens=True)
-        answers = [r["reward_model"]["ground_truth"] for r in rows for _ in range(cfg.n_samples)]
+        sample_rows = [r for r in rows for _ in range(cfg.n_samples)]
         if cfg.rollout_dir:
             self.write_rollouts(rows, prompts, ro, texts, scored.old_logp)
         m.update(scored.selection.metrics)
         m.update({
             "step": self.step + 1,
             "ta_opd/kl/sampled_mean": float((scored.old_logp - scored.teacher_logp)[valid].mean()),
-            "rollout/accuracy": sum(is_correct(t, a) for t, a in zip(texts, answers)) / len(texts),
+            "rollout/accuracy": self.grader.accuracy(sample_rows, texts),
             "rollout/response_length": float(valid.sum(-1).float().mean()),
             "timing_s/rollout": t1 - t0, "timing_s/teacher_and_scoring": t2 - t1, "timing_s/update": t3 - t2,
+            "timing_s/step_cpu": time.process_time() - c0,  # CPU seconds of all threads: robust to other load
         })
         return m
 
@@ -166,6 +219,10 @@ class CPUTrainer:
         bank.write_step(self.cfg.rollout_dir, self.step + 1, recs)
 
     def fit(self) -> dict:
+        with runlock.hold(self.cfg.out_dir, log=self.log):  # one run per output folder
+            return self._fit()
+
+    def _fit(self) -> dict:
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -174,7 +231,9 @@ class CPUTrainer:
         if not self.before:
             self.before = {"student_accuracy_before": self.accuracy(self.student, self.test_rows),
                            "teacher_accuracy": self.accuracy(self.teacher, self.test_rows)}
-            first = {"step": 0, "val/student_accuracy": self.accuracy(self.student, self.val_rows)}
+            first = {"step": 0, **self.evaluate()}
+            self.before.update({"heldout_kl_before": first["ta_opd/heldout/kl"],
+                                "heldout_kl_sampled_before": first["ta_opd/heldout/kl_sampled"]})
             self.history.append(first)
             self._log(first, 0)
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc="ta-opd", dynamic_ncols=True)
@@ -182,7 +241,7 @@ class CPUTrainer:
             m = self.train_step()
             self.step += 1
             if (cfg.test_freq > 0 and self.step % cfg.test_freq == 0) or self.step == cfg.total_steps:
-                m["val/student_accuracy"] = self.accuracy(self.student, self.val_rows)
+                m.update(self.evaluate())
             self.history.append(m)
             self._log(m, self.step)
             bar.update(1)
@@ -194,25 +253,31 @@ class CPUTrainer:
 
     def _log(self, m: dict, step: int) -> None:
         if self.tracker is not None:
-            self.tracker.log(data={k: v for k, v in m.items() if k != "step"}, step=step)
+            self.tracker.log(data={k: v for k, v in m.items() if k != "step" and v is not None}, step=step)
 
     def finish(self, wall: float) -> dict:
         cfg = self.cfg
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         train = [h for h in self.history if "ta_opd/kept_ratio" in h]
+        last_eval = next((h for h in reversed(self.history) if "ta_opd/heldout/kl" in h), {})
         summary = {
-            "backend": "cpu", "selector": cfg.ta.selector, "budget": cfg.ta.budget, "topk": cfg.ta.topk,
+            "backend": "cpu", "pair": cfg.pair, "student": cfg.student_path, "teacher": cfg.teacher_path,
+            "selector": cfg.ta.selector, "budget": cfg.ta.budget, "topk": cfg.ta.topk,
             "teacher_topk": cfg.ta.teacher_topk, "steps": self.step,
             "kept_ratio": float(np.mean([h["ta_opd/kept_ratio"] for h in train])) if train else None,
             **self.before,
             "student_accuracy_after": self.accuracy(self.student, self.test_rows),
+            "heldout_kl_after": last_eval.get("ta_opd/heldout/kl"),
+            "heldout_kl_sampled_after": last_eval.get("ta_opd/heldout/kl_sampled"),
+            "heldout_kl_prompts": len(self.val_rows[: cfg.heldout_kl_prompts]),
             "eval_problems": len(self.test_rows),
+            "unscorable_data_sources": sorted(self.grader.unscorable),
             "wall_seconds": wall, "seed": cfg.seed, "output_dir": str(out),
         }
         report.write_csv(out / "metrics.csv", self.history)
         report.plot(out / "curves.png", self.history,
-                    f"TA-OPD ({cfg.ta.selector}, rho={cfg.ta.budget}, K={cfg.ta.topk}) on the CPU toy")
+                    f"TA-OPD ({cfg.ta.selector}, rho={cfg.ta.budget}, K={cfg.ta.topk}) on {cfg.pair}")
         report.write_summary(out / "summary.json", summary)
         return summary
 

@@ -12,9 +12,15 @@ global (all micro-batches, all DP ranks) token count:
   estimator loss: the FSDP teacher ships log π_T(y_t) in ``ta_opd_teacher_logp``.
 - ``ta_opd_pg_topk``: the same loss, registered as a top-K loss so that verl's native vLLM
   teacher is asked for ``prompt_logprobs = K'`` (``teacher_backend=vllm``).
-- ``ta_opd_topk_forward_kl`` / ``ta_opd_topk_reverse_kl``: KL on the teacher's top-K support,
-  both renormalized on it (``ta_opd.losses.topk_kl_per_token``), computed in the logits
-  processor of the update forward.
+- ``ta_opd_topk_forward_kl`` / ``ta_opd_topk_reverse_kl``: KL on K + 1 bins, the teacher's top-K
+  ids plus one rest bin, with the student's full-vocabulary probabilities
+  (``ta_opd.losses.topk_kl_per_token``; docs/losses.md), computed in the logits processor of the
+  update forward.
+
+Metrics: every micro-batch returns the same keys (verl's ``Metric.aggregate_dp`` needs as many
+values per key on every DP rank). Ours are ``SUM`` metrics of (local sum over kept tokens) ·
+dp_size / (global kept tokens), so verl's aggregation (mean over ranks, sum over micro-batches)
+gives the exact global token mean, and a micro-batch with no kept position reports exactly 0.
 
 The wrapper :func:`ta_opd_actor_loss` replaces the actor's loss function. verl calls it twice per
 micro-batch: as logits processor (``student_logits`` given) and as the final loss. In the
@@ -32,6 +38,7 @@ import torch
 from verl.trainer.distillation.losses import (
     DistillationLossSettings,
     distillation_ppo_loss,
+    get_distillation_loss_fn,
     register_distillation_loss,
 )
 from verl.utils import tensordict_utils as tu
@@ -40,7 +47,8 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from recipe.ta_opd.verl_backend import fields as F
 from ta_opd.config import TAConfig
-from ta_opd.losses import pg_opd_token_loss, topk_kl_per_token
+from ta_opd.errors import TAInputError
+from ta_opd.losses import pg_opd_token_loss, topk_kl_per_token, topk_logp_and_rest
 from ta_opd.stats import PositionStats, sparse_position_stats
 
 PG = "ta_opd_pg"
@@ -53,7 +61,8 @@ LOSS_MODES = {
     ("topk_forward_kl", "fsdp"): FORWARD_KL, ("topk_forward_kl", "vllm"): FORWARD_KL,
     ("topk_reverse_kl", "fsdp"): REVERSE_KL, ("topk_reverse_kl", "vllm"): REVERSE_KL,
 }
-TOPK_KL_OUTPUT = "ta_opd_topk_kl"  # per-token model output of the top-K losses' processor
+TOPK_KL_OUTPUT = "ta_opd_topk_kl"  # per-token model outputs of the top-K losses' processor
+TOPK_MASS_OUTPUT = "ta_opd_student_topk_mass"  # the student's mass on the teacher's top-K (no gradient)
 
 
 def _padded(x: torch.Tensor, fill=0.0) -> torch.Tensor:
@@ -70,20 +79,41 @@ def _pg_opd(config, distillation_config, model_output: dict, data) -> tuple[torc
     per_token, clipped, log_ratio = pg_opd_token_loss(
         log_prob, old, -(old - teacher), mask, clip_low=loss_cfg.clip_ratio_low, clip_high=loss_cfg.clip_ratio_high)
     per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-    n = mask.sum().clamp_min(1)
     metrics = {
-        "ta_opd/loss/clipfrac": Metric(AggregationType.MEAN, (clipped & mask).sum() / n),
-        "ta_opd/loss/sampled_kl": Metric(AggregationType.MEAN, torch.where(mask, old - teacher, 0.0).sum() / n),
-        "ta_opd/loss/ppo_kl": Metric(AggregationType.MEAN, torch.where(mask, -log_ratio, 0.0).detach().sum() / n),
+        "ta_opd/loss/clipfrac": _global_token_mean(clipped.float(), mask, data),
+        "ta_opd/loss/sampled_kl": _global_token_mean(old - teacher, mask, data),
+        "ta_opd/loss/ppo_kl": _global_token_mean(-log_ratio, mask, data),
     }
     return per_token, metrics
 
 
+def _global_token_mean(x: torch.Tensor, mask: torch.Tensor, data) -> Metric:
+    """This micro-batch's share of the global mean of x over kept tokens, as a SUM metric (see
+    the module docstring): Σ_mask x · dp_size / (global kept tokens)."""
+    dp_size = tu.get_non_tensor_data(data=data, key="dp_size", default=1)
+    n_global = max(int(tu.get_non_tensor_data(data=data, key="batch_num_tokens", default=int(mask.sum()))), 1)
+    local = torch.where(mask, x.detach().float(), torch.zeros((), device=x.device)).sum()  # where: NaN never leaks
+    return Metric(AggregationType.SUM, local * dp_size / n_global)  # max(., 1): no kept token anywhere -> 0
+
+
 def _topk_kl(config, distillation_config, model_output: dict, data) -> tuple[torch.Tensor, dict[str, Any]]:
     per_token = no_padding_2_padding(model_output[TOPK_KL_OUTPUT], data)
+    mass = no_padding_2_padding(model_output[TOPK_MASS_OUTPUT], data)
     mask = _padded(data["response_mask"], 0).bool()
-    n = mask.sum().clamp_min(1)
-    return per_token, {"ta_opd/loss/topk_kl": Metric(AggregationType.MEAN, torch.where(mask, per_token, 0.0).detach().sum() / n)}
+    return per_token, {"ta_opd/loss/topk_kl": _global_token_mean(per_token, mask, data),
+                       "ta_opd/loss/student_topk_mass": _global_token_mean(mass, mask, data)}
+
+
+def empty_micro_batch_metrics(loss_metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of a micro-batch with no kept position: the keys every other micro-batch
+    returns, each with the identity of its aggregation. ``loss_metrics``: our registered loss's
+    metrics on this micro-batch (SUM shares, exactly 0 here); plus what verl's
+    ``distillation_ppo_loss`` adds (``distillation/loss_min``/``loss_max``: +inf/-inf, which the
+    cross-rank min/max ignore; ``distillation/loss``: 0)."""
+    return {**loss_metrics,
+            "distillation/loss_min": Metric(AggregationType.MIN, float("inf")),
+            "distillation/loss_max": Metric(AggregationType.MAX, float("-inf")),
+            "distillation/loss": Metric(AggregationType.SUM, 0.0)}
 
 
 def register_all() -> None:
@@ -141,20 +171,32 @@ def topk_kl_outputs(student_logits: torch.Tensor, data, cfg: TAConfig, vocab_siz
     rows, t_ids, t_lp = _rows_and_teacher(student_logits, data)
     out = torch.zeros(1, nnz, dtype=torch.float32, device=student_logits.device)
     if rows.numel() == 0:
-        return {TOPK_KL_OUTPUT: out + 0.0 * student_logits.sum()}
+        return {TOPK_KL_OUTPUT: out + 0.0 * student_logits.sum(), TOPK_MASS_OUTPUT: out.clone()}
     ids = t_ids[:, : cfg.topk].long().to(student_logits.device)
     t_lp = t_lp[:, : cfg.topk].to(student_logits.device)
+    _check_teacher_rows(t_lp, rows)
 
     def chunk_kl(logits, r, i, t):  # recomputed in backward: no (N, V) fp32 copy is kept
-        x = logits[0, r, :vocab_size].float()
-        return topk_kl_per_token(x.gather(-1, i) - torch.logsumexp(x, dim=-1, keepdim=True), t, reverse=reverse)
+        s_lp, s_rest = topk_logp_and_rest(logits[0, r, :vocab_size], i)  # (n, K), (n,)
+        return torch.stack([topk_kl_per_token(s_lp, s_rest, t, reverse=reverse), -torch.expm1(s_rest.detach())])
 
     from torch.utils.checkpoint import checkpoint
 
     step = cfg.chunk_size
-    kl = torch.cat([checkpoint(chunk_kl, student_logits, rows[a:a + step], ids[a:a + step], t_lp[a:a + step],
-                               use_reentrant=False) for a in range(0, rows.numel(), step)])
-    return {TOPK_KL_OUTPUT: out.index_put((torch.zeros_like(rows), rows), kl)}
+    kl, mass = torch.cat([checkpoint(chunk_kl, student_logits, rows[a:a + step], ids[a:a + step], t_lp[a:a + step],
+                                     use_reentrant=False) for a in range(0, rows.numel(), step)], dim=1)
+    at = (torch.zeros_like(rows), rows)
+    return {TOPK_KL_OUTPUT: out.index_put(at, kl), TOPK_MASS_OUTPUT: out.index_put(at, mass.detach())}
+
+
+def _check_teacher_rows(t_lp: torch.Tensor, rows: torch.Tensor) -> None:
+    """NaN or +inf teacher log-probs at a kept row must not turn into a silent loss value."""
+    bad = (torch.isnan(t_lp) | (t_lp == float("inf"))).any(-1)  # (n,)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise TAInputError(f"the teacher's top-K log-probs are {t_lp[i].tolist()[:8]}... at packed row {int(rows[i])} "
+                           f"of this micro-batch (a kept response token; {int(bad.sum())} such rows): NaN or +inf "
+                           "teacher outputs would make the top-K loss NaN; check the teacher at that position")
 
 
 def update_flags(loss_mode: str) -> dict[str, bool]:
@@ -167,7 +209,8 @@ def update_flags(loss_mode: str) -> dict[str, bool]:
 
 
 def ta_opd_actor_loss(*, inner, cfg: TAConfig, vocab_size: int, loss_mode: str, model_output=None, data=None,
-                      dp_group=None, student_logits=None, data_format: str = "thd"):
+                      dp_group=None, student_logits=None, data_format: str = "thd", actor_config=None,
+                      distillation_config=None):
     """The actor's loss function (see module docstring); ``inner`` is verl's distillation loss."""
     phase = tu.get_non_tensor_data(data=data, key=F.PHASE, default=None)
     if student_logits is not None:  # called as logits processor
@@ -181,8 +224,10 @@ def ta_opd_actor_loss(*, inner, cfg: TAConfig, vocab_size: int, loss_mode: str, 
     if not bool(_padded(data["response_mask"], 0).any()):
         # No kept position in this micro-batch (small budgets): contribute exactly zero, but through
         # the graph so that every FSDP rank still runs the same backward collectives. (verl's own
-        # loss would fail here: its min/max metrics reduce an empty tensor.)
-        return 0.0 * _any_tensor(model_output, grad=True).sum(), {}
+        # loss would fail here: its min/max metrics reduce an empty tensor.) Same metric keys as
+        # every other micro-batch, or verl's cross-rank aggregation fails (empty_micro_batch_metrics).
+        _, ours = get_distillation_loss_fn(loss_mode)(actor_config, distillation_config, model_output, data)
+        return 0.0 * _any_tensor(model_output, grad=True).sum(), empty_micro_batch_metrics(ours)
     return inner(model_output=model_output, data=data, dp_group=dp_group)
 
 
@@ -199,4 +244,5 @@ def make_actor_loss(actor_config, distillation_config, cfg: TAConfig, vocab_size
 
     inner = partial(distillation_ppo_loss, config=actor_config, distillation_config=distillation_config)
     return partial(ta_opd_actor_loss, inner=inner, cfg=cfg, vocab_size=vocab_size,
-                   loss_mode=distillation_config.distillation_loss.loss_mode)
+                   loss_mode=distillation_config.distillation_loss.loss_mode, actor_config=actor_config,
+                   distillation_config=distillation_config)

@@ -30,6 +30,7 @@ from verl.single_controller.base.decorator import Dispatch, register
 
 from recipe.ta_opd.verl_backend import fields as F
 from ta_opd.errors import TAConfigError
+from ta_opd.rollout import response_slice
 from ta_opd.teacher_outputs import teacher_outputs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -151,7 +152,7 @@ def compute_teacher_fields(model: torch.nn.Module, batch: dict[str, torch.Tensor
             tout = teacher_outputs(logits[i, :n], safe_ids[a + i, :n].to(logits.device), topk=cfg.topk,
                                    chunk_size=cfg.chunk_size, logp_dtype=logp_dtype)
             keep = vi[:n]
-            row = slice(P - 1, P - 1 + n)
+            row = response_slice(P, n)
             out[F.TEACHER_IDS][a + i, row][keep] = tout.topk_ids.cpu()[keep]
             out[F.TEACHER_LOGPROBS][a + i, row][keep] = tout.topk_logp.cpu()[keep]
             out[F.TEACHER_LOGP][a + i, :n][keep] = tout.sampled_logp.cpu()[keep]

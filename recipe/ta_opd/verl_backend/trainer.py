@@ -28,6 +28,7 @@ from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_pad
 from recipe.ta_opd.verl_backend import fields as F
 from recipe.ta_opd.verl_backend.losses import update_flags
 from ta_opd.config import TAConfig
+from ta_opd.rollout import response_slice
 from ta_opd.select import Selection, select_positions
 from ta_opd.stats import PositionStats
 from ta_opd.teacher_outputs import sampled_logp_from_topk
@@ -47,8 +48,8 @@ def teacher_logp_from_topk(batch: DataProto, vocab_size: int) -> dict[str, float
     responses = batch.batch["responses"]
     R = responses.shape[1]
     P = batch.batch["input_ids"].shape[1] - R
-    ids = batch.batch[F.TEACHER_IDS][:, P - 1 : P - 1 + R]
-    lp = batch.batch[F.TEACHER_LOGPROBS][:, P - 1 : P - 1 + R]
+    ids = batch.batch[F.TEACHER_IDS][:, response_slice(P, R)]
+    lp = batch.batch[F.TEACHER_LOGPROBS][:, response_slice(P, R)]
     valid = batch.batch["response_mask"].bool()
     logp = torch.zeros(responses.shape, dtype=torch.float32)
     got, known = sampled_logp_from_topk(ids[valid], lp[valid], responses[valid], vocab_size)

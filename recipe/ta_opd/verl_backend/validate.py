@@ -23,6 +23,8 @@ from ta_opd.errors import TAConfigError
 from ta_opd.vocab import shared_vocab_size
 
 TEACHER_BACKENDS = ("fsdp", "vllm")
+# verl loads the validation scorer from here unless reward.custom_reward_function.path is set
+REWARD_FN = "pkg://recipe.ta_opd.verl_backend.reward"
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,9 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
     check_trainer_divisibility(cfg, pools)
     with open_dict(cfg):  # verl's trainer.* keys describe its own (trainer) pool from here on
         cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node = len(pools.trainer), pools.trainer[0]
+        custom = cfg.reward.custom_reward_function
+        if not custom.get("path"):  # the recipe's grader (toy task + verl's default by data_source)
+            custom.path, custom.name = REWARD_FN, "compute_score"
     from verl.utils.config import validate_config
 
     try:  # verl's own batch-size and micro-batch checks, now rather than on the cluster

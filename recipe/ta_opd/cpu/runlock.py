@@ -1,0 +1,126 @@
+"""One run per output folder: ``<out_dir>/.ta_opd.lock``.
+
+The lock is an exclusive ``flock`` on that file, which the kernel drops when the holder dies (even
+by SIGKILL), so liveness never depends on guessing from a pid. The file also records who holds it
+(pid, host, start time, command line): a second run is refused with those details, and a file
+left behind by a dead run is reported as a stale lock and taken over. A lock recorded by another
+host cannot be checked from here (``flock`` is not reliable across NFS hosts): it is refused and
+the message says which file to delete if that run is gone. Re-entrant within one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ta_opd.errors import TAConfigError
+
+LOCK_NAME = ".ta_opd.lock"
+_held: dict[str, list] = {}  # resolved lock path -> [fd, depth]
+
+
+def _holder() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "argv": " ".join(sys.argv)[:300]}
+
+
+def _describe(info: dict) -> str:
+    return (f"pid {info.get('pid')} on host {info.get('host')} (started {info.get('started')}; "
+            f"command: {info.get('argv')})")
+
+
+def _read(fd: int) -> dict:
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = os.read(fd, 65536)
+    try:
+        info = json.loads(raw.decode() or "{}")
+    except (ValueError, UnicodeDecodeError):
+        return {"garbled": raw[:80].decode(errors="replace")}
+    return info if isinstance(info, dict) else {}
+
+
+def acquire(out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Take the lock on ``out_dir`` (created if needed) or raise TAConfigError naming the holder."""
+    path = Path(out_dir).expanduser().resolve() / LOCK_NAME
+    key = str(path)
+    if key in _held:
+        _held[key][1] += 1
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = _read(fd)
+            os.close(fd)
+            raise TAConfigError(
+                f"trainer.default_local_dir={path.parent} is in use by another run: {_describe(info)}. Wait for it "
+                "to finish, stop it, or choose another trainer.default_local_dir") from None
+        except OSError as e:  # e.g. ENOLCK: a file system without flock support
+            os.close(fd)
+            raise TAConfigError(f"trainer.default_local_dir={path.parent} cannot be locked ({type(e).__name__}: {e}); "
+                                "choose a folder on a local file system") from None
+        # the holder may have unlinked the file between our open and flock: then lock the new one
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        break
+    previous = _read(fd)
+    if previous.get("host") not in (None, socket.gethostname()):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        raise TAConfigError(
+            f"trainer.default_local_dir={path.parent} is locked by a run on another host: {_describe(previous)}. "
+            f"Its liveness cannot be checked from {socket.gethostname()}; if that run is gone, delete {path}")
+    if previous:
+        log(f"[ta-opd] cleared a stale lock on {path.parent}: {_describe(previous)} is no longer running")
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(_holder()).encode())
+    os.fsync(fd)
+    _held[key] = [fd, 1]
+    return path
+
+
+def release(path: Path) -> None:
+    key = str(path)
+    entry = _held.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] > 0:
+        return
+    del _held[key]
+    fd = entry[0]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # unlink while still holding the lock; waiters re-check the inode
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def hold(out_dir: str | Path, log: Callable[[str], None] = print) -> Iterator[Path]:
+    path = acquire(out_dir, log)
+    try:
+        yield path
+    finally:
+        release(path)
+
+
+def release_all() -> None:
+    """Release every lock this process holds (the entry point calls it when a run ends)."""
+    for key in list(_held):
+        _held[key][1] = 1
+        release(Path(key))

@@ -1,0 +1,333 @@
+"""Every kind of bad input to the CPU entry point ends in ``[ta-opd] error: ...`` with exit 2, before
+the first training step; never a traceback. The cases also generate docs/bad_inputs.md:
+
+    TA_OPD_WRITE_BAD_INPUTS=1 python -m pytest tests/test_bad_inputs.py   # rewrite the table
+
+Without the variable the test asserts the committed table is current (so it cannot drift).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.cli_inprocess import ROOT, run
+from tests.conftest import TINY
+
+TABLE = ROOT / "docs" / "bad_inputs.md"
+OWN = ["actor_rollout_ref.model.path={student}", "ta_opd.teacher_model_path={teacher}",
+       "data.train_files={train}", "data.val_files={val}"]
+
+
+def own(**kw) -> list[str]:
+    """Overrides of a run with your own models/data, with some of them replaced."""
+    base = dict(student="{student}", teacher="{teacher}", train="{train}", val="{val}")
+    base.update(kw)
+    return [f"actor_rollout_ref.model.path={base['student']}", f"ta_opd.teacher_model_path={base['teacher']}",
+            f"data.train_files={base['train']}", f"data.val_files={base['val']}"]
+
+
+# (what the user did, overrides); {name} placeholders are files made by the `files` fixture
+CASES: list[tuple[str, list[str]]] = [
+    # --- TA-OPD knobs (ta_opd.*) ---
+    ("misspelled selector", ["ta_opd.selector=teachabilty"]),
+    ("budget 0", ["ta_opd.budget=0"]),
+    ("budget above 1", ["ta_opd.budget=1.5"]),
+    ("budget not a number", ["ta_opd.budget=abc"]),
+    ("topk 0", ["ta_opd.topk=0"]),
+    ("topk above teacher_topk", ["ta_opd.topk=1000"]),
+    ("topk not below the vocabulary", ["ta_opd.topk=1000", "ta_opd.teacher_topk=1000"]),
+    ("teacher_topk above the vocabulary", ["ta_opd.teacher_topk=1000"]),
+    ("q_low negative", ["ta_opd.q_low=-0.1"]),
+    ("q_high above 1", ["ta_opd.q_high=1.5"]),
+    ("q_low above q_high", ["ta_opd.q_low=0.9", "ta_opd.q_high=0.5"]),
+    ("eps 0", ["ta_opd.eps=0"]),
+    ("unknown compatibility", ["ta_opd.compatibility=upper"]),
+    ("unknown entropy mode", ["ta_opd.entropy=half"]),
+    ("topk entropy with K=1", ["ta_opd.entropy=topk", "ta_opd.topk=1", "ta_opd.teacher_topk=1"]),
+    ("min_keep_per_sequence negative", ["ta_opd.min_keep_per_sequence=-1"]),
+    ("seed negative", ["ta_opd.seed=-1"]),
+    ("seed 2**70", ["ta_opd.seed=1180591620717411303424"]),
+    ("unknown loss", ["ta_opd.loss=mse"]),
+    ("unknown loss_agg", ["ta_opd.loss_agg=sum"]),
+    ("clip_low negative", ["ta_opd.clip_low=-0.1"]),
+    ("clip_low 1", ["ta_opd.clip_low=1"]),
+    ("chunk_size 0", ["ta_opd.chunk_size=0"]),
+    ("unknown ta_opd key", ["+ta_opd.budgett=0.1"]),
+    ("unknown backend", ["ta_opd.backend=tpu"]),
+    ("negative vocab_mismatch_ok_ids", ["ta_opd.vocab_mismatch_ok_ids=[-1]"]),
+    ("vocab_mismatch_ok_ids not ids", ["ta_opd.vocab_mismatch_ok_ids=[abc]"]),
+    ("num_threads 0", ["+ta_opd.cpu.num_threads=0"]),
+    # --- optimization and rollout ---
+    ("grad_clip negative (gradient ascent)", ["actor_rollout_ref.actor.grad_clip=-1"]),
+    ("grad_clip 0", ["actor_rollout_ref.actor.grad_clip=0"]),
+    ("grad_clip NaN", ["actor_rollout_ref.actor.grad_clip=nan"]),
+    ("temperature negative", ["actor_rollout_ref.rollout.temperature=-1"]),
+    ("temperature not a number", ["actor_rollout_ref.rollout.temperature=hot"]),
+    ("lr negative", ["actor_rollout_ref.actor.optim.lr=-1"]),
+    ("lr 0", ["actor_rollout_ref.actor.optim.lr=0"]),
+    ("lr infinite", ["actor_rollout_ref.actor.optim.lr=inf"]),
+    ("rollout.n 0", ["actor_rollout_ref.rollout.n=0"]),
+    ("rollout.n fractional", ["actor_rollout_ref.rollout.n=1.5"]),
+    ("max_response_length 0", ["data.max_response_length=0"]),
+    ("train_batch_size 0", ["data.train_batch_size=0"]),
+    ("train_batch_size above the dataset", ["data.train_batch_size=100000"]),
+    ("total_training_steps 0", ["trainer.total_training_steps=0"]),
+    ("total_training_steps not a number", ["trainer.total_training_steps=abc"]),
+    ("total_training_steps null", ["trainer.total_training_steps=null"]),
+    ("test_freq not a number", ["trainer.test_freq=often"]),
+    ("save_freq fractional", ["trainer.save_freq=1.5"]),
+    ("resume_mode unsupported", ["trainer.resume_mode=resume_path"]),
+    ("unknown logger", ["trainer.logger=[foo]"]),
+    ("max_actor_ckpt_to_keep 0", ["trainer.max_actor_ckpt_to_keep=0"]),
+    ("eval_size 0", ["ta_opd.cpu.eval_size=0"]),
+    ("one beta", ["ta_opd.cpu.betas=[0.9]"]),
+    ("beta equal to 1", ["ta_opd.cpu.betas=[0.9,1.0]"]),
+    ("betas not numbers", ["ta_opd.cpu.betas=[a,b]"]),
+    ("weight_decay negative", ["ta_opd.cpu.weight_decay=-0.1"]),
+    ("unknown toy.spec key", ["+ta_opd.toy.spec.n_trian=10"]),
+    ("toy.spec value of the wrong type", ["+ta_opd.toy.spec.teacher_steps=many"]),
+    ("interpolation to a missing key", ["trainer.experiment_name=${{nope.missing}}"]),
+    # --- folders ---
+    ("output folder under a file (unwritable)", ["trainer.default_local_dir={a_file}/run"]),
+    ("output folder is a file", ["trainer.default_local_dir={a_file}"]),
+    ("rollout folder unwritable", ["trainer.rollout_data_dir={a_file}/rollouts"]),
+    ("unwritable cache folder (pair not built yet)", ["ta_opd.toy.cache_dir={a_file}/cache"]),
+    # --- models ---
+    ("student path does not exist", own(student="/nonexistent/student")),
+    ("teacher path does not exist", own(teacher="/nonexistent/teacher")),
+    ("only the student given", ["actor_rollout_ref.model.path={student}"]),
+    ("student is a file", own(student="{a_file}")),
+    ("empty model folder", own(student="{empty_dir}")),
+    ("config.json not JSON", own(student="{bad_config}")),
+    ("config.json with an unknown model_type", own(student="{unknown_arch}")),
+    ("no weight files", own(student="{no_weights}")),
+    ("truncated safetensors", own(student="{truncated}")),
+    ("tokenizer files deleted", own(student="{no_tokenizer}")),
+    ("student with NaN weights", own(student="{nan_student}")),
+    ("teacher with inf weights", own(teacher="{inf_teacher}")),
+    ("teacher with another tokenizer", own(teacher="{other_tokenizer}")),
+    # --- data ---
+    ("own models without data files", OWN[:2]),
+    ("train file does not exist", own(train="/nonexistent/train.parquet")),
+    ("zero-byte parquet", own(train="{zero_byte}")),
+    ("CSV given as parquet", own(train="{csv}")),
+    ("parquet without a prompt column", own(train="{no_prompt}")),
+    ("parquet with no rows", own(train="{no_rows}")),
+    ("prompt is a string, not chat messages", own(train="{string_prompt}")),
+    ("no ground truth", own(val="{no_truth}")),
+    ("two train files", own(train="[{train},{train}]")),
+    # --- resuming ---
+    ("tracker file holds 'abc'", ["trainer.default_local_dir={tracker_abc}"]),
+    ("tracker file empty", ["trainer.default_local_dir={tracker_empty}"]),
+    ("only checkpoint corrupt", ["trainer.default_local_dir={corrupt_only}"]),
+    ("planted state.pt (pickle) as the only checkpoint", ["trainer.default_local_dir={planted}"]),
+    ("resume with another budget", ["trainer.default_local_dir={finished_run}", "ta_opd.budget=0.2"]),
+    ("resume with another student", own(student="{other_student}") + ["trainer.default_local_dir={own_run}"]),
+    ("output folder in use by a live run", ["trainer.default_local_dir={locked}"]),
+]
+
+BASE = [f"+ta_opd.toy.spec.{k}={v}" for k, v in TINY.items()] + [
+    "ta_opd.cpu.eval_size=4", "data.train_batch_size=4", "actor_rollout_ref.rollout.n=2",
+    "data.max_response_length=8", "trainer.total_training_steps=1", "trainer.logger=[]",
+    "+ta_opd.cpu.heldout_kl_prompts=4"]
+
+
+def _hold_lock(folder, ready, done):
+    from recipe.ta_opd.cpu import runlock
+
+    runlock.acquire(folder, log=lambda *_: None)
+    ready.set()
+    done.wait(120)
+
+
+@pytest.fixture(scope="module")
+def files(tiny_pair, tmp_path_factory):
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache, pair = tiny_pair
+    d = tmp_path_factory.mktemp("bad")
+    f = {"student": pair.student, "teacher": pair.teacher, "train": pair.train_file, "val": pair.val_file,
+         "cache": cache, "tmp": d, "toy": pair.root}
+    (d / "a_file").write_text("not a folder")
+    f["a_file"] = d / "a_file"
+    (d / "empty_dir").mkdir()
+    f["empty_dir"] = d / "empty_dir"
+
+    def copy(name, src=pair.student):
+        shutil.copytree(src, d / name)
+        f[name] = d / name
+        return d / name
+
+    (copy("bad_config") / "config.json").write_text("{not json")
+    cfg = json.loads((pair.student / "config.json").read_text())
+    (copy("unknown_arch") / "config.json").write_text(json.dumps({**cfg, "model_type": "no_such_model"}))
+    for w in copy("no_weights").glob("*.safetensors"):
+        w.unlink()
+    w = next(copy("truncated").glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    for t in copy("no_tokenizer").glob("*token*"):
+        t.unlink()
+    for name, src, value in (("nan_student", pair.student, float("nan")), ("inf_teacher", pair.teacher, float("inf"))):
+        m = AutoModelForCausalLM.from_pretrained(src)
+        with torch.no_grad():
+            next(m.parameters())[0, 0] = value
+        m.save_pretrained(d / name)
+        AutoTokenizer.from_pretrained(src).save_pretrained(d / name)
+        f[name] = d / name
+    other = copy("other_tokenizer", pair.teacher)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<|extra|>"])
+    tok.save_pretrained(other)
+    m = AutoModelForCausalLM.from_pretrained(pair.student)
+    with torch.no_grad():
+        next(m.parameters()).mul_(1.01)
+    m.save_pretrained(d / "other_student")
+    AutoTokenizer.from_pretrained(pair.student).save_pretrained(d / "other_student")
+    f["other_student"] = d / "other_student"
+
+    (d / "zero.parquet").write_bytes(b"")
+    f["zero_byte"] = d / "zero.parquet"
+    rows = pd.read_parquet(pair.train_file)
+    rows.to_csv(d / "csv.parquet")
+    f["csv"] = d / "csv.parquet"
+    for name, frame in (("no_prompt", rows.drop(columns=["prompt"])), ("no_rows", rows.iloc[:0]),
+                        ("string_prompt", rows.assign(prompt="What is 2+2?")),
+                        ("no_truth", rows.assign(reward_model=[{"style": "rule"}] * len(rows)))):
+        frame.to_parquet(d / f"{name}.parquet")
+        f[name] = d / f"{name}.parquet"
+
+    for name, text in (("tracker_abc", "abc"), ("tracker_empty", "")):
+        (d / name / "checkpoints").mkdir(parents=True)
+        (d / name / "checkpoints" / "latest_checkpointed_iteration.txt").write_text(text)
+        f[name] = d / name
+    ck = d / "corrupt_only" / "checkpoints" / "global_step_1"
+    ck.mkdir(parents=True)
+    (ck / "state.json").write_text("{trunc")
+    (ck / "state.safetensors").write_bytes(b"")
+    (ck.parent / "latest_checkpointed_iteration.txt").write_text("1")
+    f["corrupt_only"] = d / "corrupt_only"
+    ck = d / "planted" / "checkpoints" / "global_step_1"
+    ck.mkdir(parents=True)
+    (ck / "state.pt").write_bytes(_marker_pickle(d / "PWNED"))
+    (ck.parent / "latest_checkpointed_iteration.txt").write_text("1")
+    f["planted"] = d / "planted"
+
+    # real finished runs to resume with other settings: toy pair, and own models
+    for name, extra in (("finished_run", []), ("own_run", own())):
+        status, _, err = run(_fill(BASE + [f"ta_opd.toy.cache_dir={cache}", f"trainer.default_local_dir={d / name}"]
+                                   + extra, f))
+        assert status == 0, err[-3000:]
+        f[name] = d / name
+
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(d / "locked"), ready, done), daemon=True)
+    holder.start()
+    assert ready.wait(60)
+    f["locked"] = d / "locked"
+    yield f
+    done.set()
+    holder.join(30)
+
+
+def _marker_pickle(marker: Path) -> bytes:
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    return pickle.dumps(Payload())
+
+
+def _fill(overrides: list[str], f: dict) -> list[str]:
+    return [o.format(**{k: str(v) for k, v in f.items()}) for o in overrides]
+
+
+def _normalize(msg: str, f: dict) -> str:
+    msg = msg.replace(str(f["tmp"]), "<tmp>").replace(str(f["toy"]), "<toy>").replace(str(f["cache"]), "<cache>")
+    msg = msg.replace(str(ROOT), ".")
+    msg = re.sub(r"\(content [0-9a-f]{8}\)", "(content <hash>)", msg)
+    msg = re.sub(r"pid \d+ on host \S+ \(started [^;]*; command: [^)]*\)", "pid <pid> on host <host> (...)", msg)
+    return msg
+
+
+def _table(results: list[tuple[str, list[str], str]]) -> str:
+    lines = ["# Bad inputs and what the CPU entry point says", "",
+             "Generated by `tests/test_bad_inputs.py` (`TA_OPD_WRITE_BAD_INPUTS=1` rewrites it; otherwise the test",
+             "fails when a message changes). Every case exits with status 2 before the first training step;",
+             f"none ends in a traceback. {len(results)} cases. `<tmp>` is the test's scratch folder, `<toy>` the cached toy pair; the toy "
+             "overrides every case adds (tiny spec, 1 step) are left out.", "",
+             "| # | bad input | overrides | message (`[ta-opd] error: ...`) |", "|---|---|---|---|"]
+    for i, (what, overrides, msg) in enumerate(results, 1):
+        cell = msg.removeprefix("[ta-opd] error: ").replace("|", "\\|")
+        lines.append(f"| {i} | {what} | `{' '.join(overrides)}` | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.slow
+def test_every_bad_input_gets_a_clear_error(files, tmp_path):
+    results, failures = [], []
+    for i, (what, overrides) in enumerate(CASES):
+        out = tmp_path / f"case{i}"
+        args = BASE + [f"ta_opd.toy.cache_dir={files['cache']}", f"trainer.default_local_dir={out}"]
+        status, stdout, err = run(_fill(args + overrides, files))
+        lines = [ln for ln in err.splitlines() if ln.startswith("[ta-opd] error: ")]
+        if status != 2 or len(lines) != 1 or "Traceback" in err:
+            failures.append(f"{what}: status {status}\n{err[-2500:]}")
+            continue
+        assert not (out / "checkpoints").exists(), what  # failed before the first step
+        results.append((what, [_normalize(o, files) for o in _fill(overrides, files)], _normalize(lines[0], files)))
+    assert not failures, "\n\n".join(failures)
+    assert len(results) >= 60
+    assert not (files["tmp"] / "PWNED").exists(), "a planted pickle ran"
+    table = _table(results)
+    if os.environ.get("TA_OPD_WRITE_BAD_INPUTS"):
+        TABLE.write_text(table)
+    assert TABLE.exists() and TABLE.read_text() == table, \
+        "docs/bad_inputs.md is stale: rerun with TA_OPD_WRITE_BAD_INPUTS=1 and commit it"
+
+
+@pytest.mark.parametrize("field", ["C", "C_hat", "H", "missing"])
+def test_select_positions_rejects_mismatched_statistic_shapes(field):
+    """Before: C of another shape than D raised a raw IndexError deep inside normalization."""
+    from dataclasses import replace
+
+    import torch
+
+    from ta_opd import TAConfig
+    from ta_opd.errors import TAInputError
+    from ta_opd.select import select_positions
+    from ta_opd.stats import dense_position_stats
+
+    gen = torch.Generator().manual_seed(0)
+    stats = dense_position_stats(torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen), topk=3)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    cfg = TAConfig(topk=3, teacher_topk=3, compatibility="lower_bound" if field == "C_hat" else "exact")
+    select_positions(stats, valid, cfg, step=0)  # the consistent batch is accepted
+    bad = replace(stats, **{field: getattr(stats, field)[:, :4]})
+    with pytest.raises(TAInputError, match=rf"stats.{field} has shape \(2, 4\), but stats.D has \(2, 5\)"):
+        select_positions(bad, valid, cfg, step=0)
+
+
+@pytest.mark.parametrize("flag,value", [("--n-boot", "0"), ("--max-tokens", "0"), ("--max-responses", "0"),
+                                        ("--responses-per-prompt", "0"), ("--ks", "0"), ("--budgets", "1.5"),
+                                        ("--seed", "-1"), ("--winsorize", "0.5")])
+def test_diagnose_rejects_out_of_range_flags(flag, value, tmp_path, capsys):
+    """Before: --n-boot 0 and --max-tokens 0 ended in tracebacks after the models were loaded."""
+    from ta_opd.diagnose.__main__ import cli
+
+    missing = str(tmp_path / "missing")  # the flag check must come before any model is opened
+    rc = cli(["--theta0", missing, "--theta-tau", missing, "--teacher", missing, "--bank", missing,
+              "--out", str(tmp_path / "out"), flag, value])
+    assert rc == 2
+    assert f"[ta-opd diagnose] error: {flag}=" in capsys.readouterr().err

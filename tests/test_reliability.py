@@ -1,0 +1,267 @@
+"""Issue 14: a run cannot lose work, be taken over, or run someone else's code.
+
+One test per defect (each failed before the fix): the output folder is checked before the first
+step; two real processes cannot share a folder (and a dead run's lock is cleared); a resume with
+another identity is refused; a negative grad_clip is refused; SIGKILLs at random times and inside
+the checkpoint write lose at most one step and end in the uninterrupted run's exact weights.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ta_opd import TAConfig
+from ta_opd.errors import TAConfigError
+from tests.conftest import TINY
+from tests.test_cpu_backend import run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = dict(log=lambda *_: None)
+
+
+# --- 1. output folder checked before the first step ------------------------------------------
+def test_unwritable_output_folder_fails_before_training(tiny_pair, tmp_path):
+    from tests.cli_inprocess import run
+
+    cache, _ = tiny_pair
+    (tmp_path / "file").write_text("x")
+    spec = [f"+ta_opd.toy.spec.{k}={v}" for k, v in TINY.items()]
+    status, out, err = run(spec + [f"ta_opd.toy.cache_dir={cache}", f"trainer.default_local_dir={tmp_path}/file/run",
+                                   "trainer.total_training_steps=2", "trainer.logger=[]"])
+    assert status == 2 and "[ta-opd] error: trainer.default_local_dir=" in err and "not a writable folder" in err
+    assert "toy pair" not in out  # failed before even locating the models
+
+
+# --- 2. run lock -------------------------------------------------------------------------------
+def _hold(folder, ready, done):
+    from recipe.ta_opd.cpu import runlock
+
+    runlock.acquire(folder, log=lambda *_: None)
+    ready.set()
+    done.wait(60)
+
+
+def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
+    from recipe.ta_opd.cpu import runlock
+
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(tmp_path), ready, done))
+    holder.start()
+    assert ready.wait(30)
+    with pytest.raises(TAConfigError, match=f"in use by another run: pid {holder.pid} on host"):
+        runlock.acquire(tmp_path)
+    os.kill(holder.pid, signal.SIGKILL)  # dies holding it: the file stays behind
+    holder.join()
+    assert (tmp_path / runlock.LOCK_NAME).exists()
+    said = []
+    with runlock.hold(tmp_path, log=said.append):
+        assert len(said) == 1 and f"stale lock" in said[0] and f"pid {holder.pid}" in said[0]
+    assert not (tmp_path / runlock.LOCK_NAME).exists()  # released and removed on a clean exit
+
+
+def test_lock_of_another_host_is_refused_with_the_file_to_delete(tmp_path):
+    from recipe.ta_opd.cpu import runlock
+
+    (tmp_path / runlock.LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "x", "argv": "y"}))
+    with pytest.raises(TAConfigError, match=r"another host.*delete .*\.ta_opd\.lock"):
+        runlock.acquire(tmp_path)
+
+
+def _entry(args, cache, out):
+    env = {**os.environ, "TA_OPD_CACHE": str(cache), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    spec = [f"+ta_opd.toy.spec.{k}={v}" for k, v in TINY.items()]
+    return subprocess.Popen([sys.executable, "-m", "recipe.ta_opd.main", *spec, f"ta_opd.toy.cache_dir={cache}",
+                             f"trainer.default_local_dir={out}", "ta_opd.cpu.eval_size=4", "data.train_batch_size=4",
+                             "actor_rollout_ref.rollout.n=2", "data.max_response_length=8", "trainer.logger=[]",
+                             *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_real_processes_cannot_share_a_folder(tiny_pair, tmp_path):
+    """Before: both exited 0 and the later overwrote the other's checkpoints and summary."""
+    from recipe.ta_opd.cpu.runlock import LOCK_NAME
+
+    cache, _ = tiny_pair
+    first = _entry(["trainer.total_training_steps=200", "trainer.save_freq=1"], cache, tmp_path)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / LOCK_NAME).exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.2)
+        second = _entry(["trainer.total_training_steps=2", "ta_opd.seed=1"], cache, tmp_path)
+        _, err = second.communicate(timeout=240)
+        assert second.returncode == 2, err[-3000:]
+        assert f"[ta-opd] error: trainer.default_local_dir={tmp_path} is in use by another run: pid {first.pid}" in err
+        assert first.poll() is None  # the first run is untouched and still training
+    finally:
+        first.kill()
+        first.communicate()
+    assert not (tmp_path / "summary.json").exists()
+
+
+# --- 3. run identity ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_resume_with_another_identity_is_refused(tiny_pair, tmp_path):
+    """Before: a resume with another budget was accepted and the summary labelled the whole run with it."""
+    from recipe.ta_opd.cpu.trainer import CPUTrainer
+
+    _, pair = tiny_pair
+    small = dict(total_steps=1, eval_size=4, max_response_length=8)
+    CPUTrainer(run_config(pair, tmp_path, **small), **QUIET).fit()
+    for change, key in ((dict(ta=TAConfig(budget=0.2)), "ta_opd.budget: 0.1 in the checkpoint, 0.2 now"),
+                        (dict(lr=2e-4), "actor_rollout_ref.actor.optim.lr: 0.0001 in the checkpoint, 0.0002 now"),
+                        (dict(seed=1), "ta_opd.seed: 0 in the checkpoint, 1 now"),
+                        (dict(teacher_path=str(pair.student)), "ta_opd.teacher_model_path: ")):
+        with pytest.raises(TAConfigError, match="belongs to a different run") as e:
+            CPUTrainer(run_config(pair, tmp_path, **{**small, "total_steps": 2, **change}), **QUIET).fit()
+        assert key in str(e.value)
+    # safe changes resume: more steps, other logging/saving; a moved (identical) model folder is the same model
+    moved = shutil.copytree(pair.student, tmp_path / "moved_student")
+    t = CPUTrainer(run_config(pair, tmp_path, **{**small, "total_steps": 2, "save_freq": 5, "test_freq": 7},
+                              student_path=str(moved)), **QUIET)
+    t.fit()
+    assert t.step == 2 and [h["step"] for h in t.history] == [0, 1, 2]
+    # resume_mode=disable starts over in the same folder
+    fresh = CPUTrainer(run_config(pair, tmp_path, **{**small, "ta": TAConfig(budget=0.2)}, resume_mode="disable"),
+                       **QUIET)
+    fresh.fit()
+    assert [h["step"] for h in fresh.history] == [0, 1]
+
+
+# --- 5. grad_clip -------------------------------------------------------------------------------
+@pytest.mark.parametrize("change", [dict(grad_clip=-1.0), dict(grad_clip=0.0), dict(temperature=-1.0),
+                                    dict(lr=-1e-4), dict(n_samples=0), dict(max_response_length=0),
+                                    dict(eval_size=0), dict(betas=(0.9,)), dict(seed=2**70), dict(loggers=("foo",))])
+def test_run_config_rejects_out_of_range_knobs(change):
+    """Before: grad_clip=-1 was accepted and trained by gradient ascent (torch flips the sign)."""
+    pair = type("P", (), {"student": "s", "teacher": "t", "train_file": "a", "val_file": "b", "test_file": "c"})
+    valid = run_config(pair, "o")  # the baseline is valid (nothing is read from disk here)
+    with pytest.raises(TAConfigError, match="is not allowed"):
+        replace(valid, **change)
+
+
+# --- 4. kill during write -----------------------------------------------------------------------
+FAULT_POINTS = ("state_written", "actor_written", "fsynced", "renamed", "tracker_written")
+
+
+class _Progress:
+    """Tracker stand-in: appends 'trained <step>' after every optimizer step (before its save)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def log(self, data, step):
+        with open(self.path, "a") as f:
+            f.write(f"trained {step}\n")
+
+
+def _child(cfg, progress, fault):
+    from recipe.ta_opd.cpu import checkpoint
+    from recipe.ta_opd.cpu.trainer import CPUTrainer
+
+    torch.set_num_threads(1)
+    if fault is not None:  # SIGKILL ourselves at this point of the first save of this segment
+        seen = []
+
+        def die(point):
+            if point == fault:
+                seen.append(point)
+                if len(seen) == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint._fault = die
+    CPUTrainer(cfg, tracker=_Progress(progress), **QUIET).fit()
+
+
+def _trained(progress: Path) -> list[int]:
+    lines = progress.read_text().splitlines() if progress.exists() else []
+    start = max(i for i, ln in enumerate(lines) if ln == "start") if "start" in lines else 0
+    return [int(ln.split()[1]) for ln in lines[start:] if ln.startswith("trained") and ln != "trained 0"]
+
+
+def kill_campaign(cache: str, out: str, random_kills: int, seed: int) -> dict:
+    """Run a short training to the end while SIGKILLing it: ``random_kills`` at random times after
+    the segment's first step, plus one kill at each FAULT_POINTS inside a checkpoint write. Then
+    the same run uninterrupted. Returns the evidence as JSON-able numbers."""
+    from recipe.ta_opd.cpu import checkpoint
+    from recipe.ta_opd.cpu.trainer import CPUTrainer
+    from ta_opd.toy.build import ToySpec, load_or_build
+
+    torch.set_num_threads(1)
+    pair = load_or_build(cache, ToySpec(**TINY), log=lambda *_: None)
+    out = Path(out)
+    small = dict(total_steps=24, save_freq=1, test_freq=0, eval_size=4, max_response_length=8)
+    cfg = run_config(pair, out / "killed", **small)
+    rng = random.Random(seed)
+    plan = [("time", None)] * random_kills + [("fault", p) for p in FAULT_POINTS]
+    rng.shuffle(plan)
+    ctx = multiprocessing.get_context("fork")
+    progress = out / "progress.txt"
+    kills, lost, failed, segments = [], [], 0, 0
+    for kind, point in plan + [("finish", None)]:
+        segments += 1
+        with open(progress, "a") as f:  # marks the segment before the child can log anything
+            f.write("start\n")
+        child = ctx.Process(target=_child, args=(cfg, progress, point))
+        child.start()
+        if kind == "time":
+            while child.is_alive() and not _trained(progress):
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
+            if child.is_alive():
+                os.kill(child.pid, signal.SIGKILL)
+        child.join(300)
+        done = _trained(progress)
+        if child.exitcode == -signal.SIGKILL:
+            step = checkpoint.read_tracker(out / "killed" / "checkpoints") or 0
+            kills.append(f"{kind}:{point or ''}@{max(done, default=0)}")
+            lost.append(max(done, default=step) - step)
+        elif child.exitcode != 0:
+            failed += 1
+        if child.exitcode == 0:
+            break
+    resumed = CPUTrainer(cfg, **QUIET)
+    resumed.maybe_resume()
+    reference = CPUTrainer(run_config(pair, out / "reference", **small), **QUIET)
+    reference.fit()
+    diff = max(float((a - b).abs().max()) for a, b in
+               zip(reference.student.state_dict().values(), resumed.student.state_dict().values()))
+
+    def metrics(t):
+        return [{k: v for k, v in h.items() if not k.startswith("timing_s/")} for h in t.history]
+
+    leftovers = [p.name for p in (out / "killed" / "checkpoints").iterdir() if p.name.startswith(".")]
+    return {"kills": kills, "lost_steps": lost, "failed_segments": failed, "segments": segments,
+            "final_step": resumed.step, "max_abs_weight_diff": diff,
+            "metrics_equal": json.dumps(metrics(reference)) == json.dumps(metrics(resumed)), "leftovers": leftovers}
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_and_checkpoint_writes(tiny_pair, tmp_path):
+    cache, _ = tiny_pair
+    code = ("import json, sys; from tests.test_reliability import kill_campaign; "
+            f"print('RESULT ' + json.dumps(kill_campaign({str(cache)!r}, {str(tmp_path)!r}, 10, 0)))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    r = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    print(r)
+    assert len(r["kills"]) >= 10 + len(FAULT_POINTS) - 1, r  # a kill may land after the run finished
+    assert r["failed_segments"] == 0, r  # every resume after a kill started cleanly
+    assert max(r["lost_steps"]) <= 1, r
+    assert r["final_step"] == 24 and r["max_abs_weight_diff"] == 0.0 and r["metrics_equal"], r
+    assert r["leftovers"] == [], r
