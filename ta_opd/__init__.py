@@ -11,13 +11,15 @@ from ta_opd.losses import LossInputs, LossOutput, aggregate, available_losses, c
 from ta_opd.normalize import apply_range, quantile_range, quantiles, robust_normalize
 from ta_opd.select import Normalized, Selection, normalize_batch, select_positions
 from ta_opd.selectors import available_selectors, get_selector, register_selector
-from ta_opd.stats import PositionStats, dense_position_stats, sparse_position_stats
+from ta_opd.stats import (PositionStats, StudentTopK, dense_position_stats, sparse_position_stats, student_topk,
+                          topk_position_stats)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TAConfig", "TAConfigError", "TAInputError",
-    "PositionStats", "dense_position_stats", "sparse_position_stats",
+    "PositionStats", "dense_position_stats", "sparse_position_stats", "StudentTopK", "student_topk",
+    "topk_position_stats",
     "quantiles", "quantile_range", "apply_range", "robust_normalize",
     "available_selectors", "get_selector", "register_selector",
     "budget_count", "select_budget", "BudgetResult",

@@ -158,7 +158,7 @@ def statistics_outputs(student_logits: torch.Tensor, data, cfg: TAConfig, vocab_
     with torch.no_grad():
         stats = sparse_position_stats(
             student_logits[0, :, :vocab_size].detach(), t_ids.to(student_logits.device), t_lp.to(student_logits.device),
-            topk=cfg.topk, entropy=cfg.entropy, chunk_size=cfg.chunk_size, rows=rows)
+            topk=cfg.topk, entropy=cfg.entropy, rows=rows, **cfg.stats_chunking())
     for name, v in stats.scalars().items():
         out[F.stat_key(name)][0, rows] = v
     return out
