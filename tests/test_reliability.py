@@ -166,7 +166,10 @@ class _Progress:
 
     def log(self, data, step):
         with open(self.path, "a") as f:
-            f.write(f"trained {step}\n")
+            f.write(f"trained {step} {time.monotonic()}\n")
+
+
+TOTAL_STEPS = 36  # room for 15 kills: a random kill lands within ~1.5 steps of the segment's first
 
 
 def _child(cfg, progress, fault):
@@ -190,7 +193,24 @@ def _child(cfg, progress, fault):
 def _trained(progress: Path) -> list[int]:
     lines = progress.read_text().splitlines() if progress.exists() else []
     start = max(i for i, ln in enumerate(lines) if ln == "start") if "start" in lines else 0
-    return [int(ln.split()[1]) for ln in lines[start:] if ln.startswith("trained") and ln != "trained 0"]
+    steps = [int(ln.split()[1]) for ln in lines[start:] if ln.startswith("trained")]
+    return [st for st in steps if st != 0]
+
+
+def _step_seconds(progress: Path, default: float = 0.3) -> float:
+    """Median time between consecutive optimizer steps of one segment so far (how long a step
+    takes on this machine now), so that a random kill lands inside the next step or two whatever
+    the machine's speed."""
+    gaps, last = [], None
+    for ln in progress.read_text().splitlines() if progress.exists() else []:
+        if ln == "start":
+            last = None
+        elif ln.startswith("trained") and len(ln.split()) == 3:
+            t = float(ln.split()[2])
+            if last is not None:
+                gaps.append(t - last)
+            last = t
+    return sorted(gaps)[len(gaps) // 2] if gaps else default
 
 
 def kill_campaign(cache: str, out: str, random_kills: int, seed: int) -> dict:
@@ -204,7 +224,7 @@ def kill_campaign(cache: str, out: str, random_kills: int, seed: int) -> dict:
     torch.set_num_threads(1)
     pair = load_or_build(cache, ToySpec(**TINY), log=lambda *_: None)
     out = Path(out)
-    small = dict(total_steps=24, save_freq=1, test_freq=0, eval_size=4, max_response_length=8)
+    small = dict(total_steps=TOTAL_STEPS, save_freq=1, test_freq=0, eval_size=4, max_response_length=8)
     cfg = run_config(pair, out / "killed", **small)
     rng = random.Random(seed)
     plan = [("time", None)] * random_kills + [("fault", p) for p in FAULT_POINTS]
@@ -221,7 +241,7 @@ def kill_campaign(cache: str, out: str, random_kills: int, seed: int) -> dict:
         if kind == "time":
             while child.is_alive() and not _trained(progress):
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 1.5 * _step_seconds(progress)))
             if child.is_alive():
                 os.kill(child.pid, signal.SIGKILL)
         child.join(300)
@@ -263,5 +283,5 @@ def test_sigkill_during_training_and_checkpoint_writes(tiny_pair, tmp_path):
     assert len(r["kills"]) >= 10 + len(FAULT_POINTS) - 1, r  # a kill may land after the run finished
     assert r["failed_segments"] == 0, r  # every resume after a kill started cleanly
     assert max(r["lost_steps"]) <= 1, r
-    assert r["final_step"] == 24 and r["max_abs_weight_diff"] == 0.0 and r["metrics_equal"], r
+    assert r["final_step"] == TOTAL_STEPS and r["max_abs_weight_diff"] == 0.0 and r["metrics_equal"], r
     assert r["leftovers"] == [], r
