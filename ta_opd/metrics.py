@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ta_opd.errors import TAInputError
 from ta_opd.normalize import quantiles
 
 def _mean(x: torch.Tensor) -> float:
@@ -59,4 +60,23 @@ def selection_metrics(*, D, C, H, DL, DI, q3, valid, mask, scores, missing=None,
     return m
 
 
-__all__ = ["selection_metrics"]
+def kept_advantage_metrics(advantage: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Sign of the PG-OPD advantage A_t = log π_T(y_t) − log π_old(y_t) (Eq. 6), kept vs all valid.
+
+    advantage (B, T) float; valid, mask (B, T) bool. A position with A_t < 0 is one PG-OPD can
+    only push down (the student over-rates its own sample); A_t = 0 counts as non-negative. A side
+    with no position reports NaN (issue 11 §2).
+    """
+    if advantage.shape != valid.shape or mask.shape != valid.shape:
+        raise TAInputError(f"advantage {tuple(advantage.shape)}, valid {tuple(valid.shape)} and mask "
+                           f"{tuple(mask.shape)} must have the same (B, T) shape")
+    kept = mask & valid
+    neg = advantage < 0  # (B, T)
+    return {
+        "ta_opd/kept/neg_adv_fraction": _mean(neg[kept].float()),
+        "ta_opd/kept/adv_mean": _mean(advantage[kept]),
+        "ta_opd/valid/neg_adv_fraction": _mean(neg[valid].float()),
+    }
+
+
+__all__ = ["kept_advantage_metrics", "selection_metrics"]

@@ -26,6 +26,7 @@ from recipe.ta_opd.grading import Grader
 from ta_opd.config import TAConfig
 from ta_opd.diagnose import bank
 from ta_opd.errors import TAConfigError
+from ta_opd.metrics import kept_advantage_metrics
 from ta_opd.rollout import encode_prompt, generate, special_ids
 from ta_opd.vocab import shared_vocab_size
 
@@ -196,6 +197,7 @@ class CPUTrainer:
         if cfg.rollout_dir:
             self.write_rollouts(rows, prompts, ro, texts, scored.old_logp)
         m.update(scored.selection.metrics)
+        m.update(kept_advantage_metrics(scored.teacher_logp - scored.old_logp, valid, scored.selection.mask))
         m.update({
             "step": self.step + 1,
             "ta_opd/kl/sampled_mean": float((scored.old_logp - scored.teacher_logp)[valid].mean()),
