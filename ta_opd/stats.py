@@ -413,10 +413,9 @@ def _in_student_topk(x_at: torch.Tensor, ids: torch.Tensor, student: StudentTopK
     tau = student.kth_logit.unsqueeze(-1)
     member = x_at > tau
     tie = x_at == tau
-    if bool(tie.any()):
-        r = tie.any(-1).nonzero().squeeze(-1)
-        picked = (ids[r].unsqueeze(-1) == student.ids[r].unsqueeze(-2)).any(-1)  # (r, M)
-        member[r] |= tie[r] & picked
+    if bool(tie.any()):  # compare only the tied entries (P of them) with their row's S_S: (P, K)
+        rr, cc = tie.nonzero(as_tuple=True)
+        member[rr, cc] = (ids[rr, cc].unsqueeze(-1) == student.ids[rr]).any(-1)
     return member
 
 

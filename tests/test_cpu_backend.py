@@ -143,8 +143,10 @@ def test_every_selector_runs_one_step(tiny_pair, tmp_path, selector):
     m = trainer.history[-1]
     valid, kept = int(m["ta_opd/valid_count"]), int(m["ta_opd/kept_count"])
     assert valid == int(trainer.history[-1]["rollout/response_length"] * cfg.prompts_per_step * cfg.n_samples)
+    assert 0.0 <= m["ta_opd/kept/neg_adv_fraction"] <= 1.0  # issue 11 §2: logged every step
     if selector == "full":
         assert kept == valid and summary["kept_ratio"] == 1.0
+        assert m["ta_opd/kept/neg_adv_fraction"] == m["ta_opd/valid/neg_adv_fraction"]
     else:
         n = -(-3 * valid // 10)  # ⌈0.3·|I|⌉ in integers (Eq. 13; no float rounding)
         # Q3 selectors keep all of Q3 when it holds fewer than n, and log the gap

@@ -1,5 +1,6 @@
 """Selectors and budget (Eqs. 12-16, 13): hand mask, exact counts, ties, padding, seeds."""
 
+import math
 import warnings
 
 import pytest
@@ -226,3 +227,22 @@ def test_q3_shared_medians_equal_direct_medians():
     norm = normalize_batch(*raw, valid, TAConfig())
     from ta_opd.selectors import q3_candidates
     assert torch.equal(norm.q3, q3_candidates(norm.H, norm.D, valid))
+
+
+def test_kept_advantage_metrics_by_hand():
+    """issue 11 §2: the share of negative PG-OPD advantages among kept vs all valid positions."""
+    from ta_opd.metrics import kept_advantage_metrics
+
+    adv = torch.tensor([[-2.0, 0.0, 3.0, -1.0], [-4.0, 5.0, -6.0, 9.0]])  # (B, T)
+    valid = torch.tensor([[True, True, True, True], [True, True, True, False]])  # (2, 3) is padding
+    mask = torch.tensor([[True, True, False, True], [True, False, False, True]])  # padding kept: ignored
+    m = kept_advantage_metrics(adv, valid, mask)
+    # kept & valid: -2, 0, -1, -4 -> 3 negative of 4 (0 is not negative); mean -7/4
+    assert m["ta_opd/kept/neg_adv_fraction"] == pytest.approx(0.75)
+    assert m["ta_opd/kept/adv_mean"] == pytest.approx(-1.75)
+    # valid: -2, 0, 3, -1, -4, 5, -6 -> 4 of 7 negative
+    assert m["ta_opd/valid/neg_adv_fraction"] == pytest.approx(4 / 7)
+    empty = kept_advantage_metrics(adv, valid, torch.zeros_like(mask))
+    assert math.isnan(empty["ta_opd/kept/neg_adv_fraction"]) and math.isnan(empty["ta_opd/kept/adv_mean"])
+    with pytest.raises(TAInputError, match="same"):
+        kept_advantage_metrics(adv[:, :3], valid, mask)
