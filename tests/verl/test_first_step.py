@@ -83,6 +83,24 @@ def test_single_node_split_six_trainer_gpus(monkeypatch):
      "leaves no node for rollout and training; trainer.nnodes counts ALL nodes of the run"),
     (["trainer.nnodes=2", "ta_opd.teacher.nnodes=1", "ta_opd.teacher.n_gpus_per_node=2"],
      "is not a split this recipe supports"),
+    # verl's update iterates over whole mini-batches (48 x 8 over 8 ranks with mini-batches of 32 x 8 passed every
+    # other check and crashed in the first update)
+    (["trainer.n_gpus_per_node=16", "ta_opd.teacher.n_gpus_per_node=8", "data.train_batch_size=48",
+      "actor_rollout_ref.rollout.n=8", "actor_rollout_ref.actor.ppo_mini_batch_size=32"],
+     "384 sequences per step are not a whole number of mini-batches of actor_rollout_ref.actor.ppo_mini_batch_size"),
+    # fixed micro-batches must divide each rank's share (verl's engine asserts it)
+    (["actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=3"],
+     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=3 does not divide the 16 sequences each rank gets"),
+    (["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=5"],
+     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=5 does not divide the 16 sequences each rank gets"),
+    # dynamic batching: the token budget must hold the longest sequence
+    (["actor_rollout_ref.actor.use_dynamic_bsz=true", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=100",
+      "data.max_prompt_length=64", "data.max_response_length=40"],
+     "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=100 is below the longest sequence"),
+    # a vLLM replica must not straddle nodes
+    (["trainer.nnodes=4", "trainer.n_gpus_per_node=8", "ta_opd.teacher.nnodes=1", "ta_opd.teacher.n_gpus_per_node=8",
+      "actor_rollout_ref.rollout.tensor_model_parallel_size=6", "data.train_batch_size=24"],
+     "one vLLM rollout replica (6 GPUs) would straddle nodes of 8 GPUs"),
     (["algorithm.rollout_correction.bypass_mode=true"], "algorithm.rollout_correction.bypass_mode=true is not supported"),
     (["actor_rollout_ref.actor.pad_to_length=true"], "actor_rollout_ref.actor.pad_to_length=true is not supported"),
     (["ta_opd.teacher.timeout_s=0"], "ta_opd.teacher.timeout_s=0 is not allowed"),
@@ -108,7 +126,8 @@ def test_cluster_check_names_what_is_missing():
     check_cluster(pools, _nodes(*[8] * 8))
     with pytest.raises(TAConfigError, match=re.escape("the run needs 64 GPU on 8 node(s) (trainer pool [8, 8, 8, 8, 8, 8]"
                                                       " + teacher pool [8, 8], from trainer.nnodes x trainer."
-                                                      "n_gpus_per_node = 8 x 8, which counts ALL nodes of the run) but "
+                                                      "n_gpus_per_node = 8 x 8, which counts ALL nodes of the run), "
+                                                      "and 3 CPUs per GPU (verl's placement bundles), but "
                                                       "the Ray cluster has 48 GPU on 6 node(s)")):
         check_cluster(pools, _nodes(*[8] * 6))
     # enough GPUs in total but not per node: a pool entry is one node's placement group
@@ -118,6 +137,17 @@ def test_cluster_check_names_what_is_missing():
     dead = [{"Alive": False, "Resources": {"GPU": 8.0}}] + _nodes(4)
     with pytest.raises(TAConfigError, match=r"has 4 GPU on 1 node"):
         check_cluster(Pools((1, 8), [6], [2]), dead)
+    # verl reserves 3 CPUs per GPU bundle; a node short of CPUs made its placement group wait forever
+    few_cpus = [{"Alive": True, "Resources": {"GPU": 8.0, "CPU": 16.0}}]
+    with pytest.raises(TAConfigError, match=r"and 3 CPUs per GPU .* \(8 GPU \+ 16 CPU\)"):
+        check_cluster(Pools((1, 8), [6], [2]), few_cpus)
+
+
+def test_teacher_request_does_not_leak_the_padding_flag_into_the_batch():
+    batch = DataProto.from_dict(tensors=rollout_batch(B=3, P=4, R=5, seed=1), meta_info={"temperature": 1.0})
+    req = teacher_request(batch)
+    assert req.meta_info == {"_verl_auto_padding": True}
+    assert batch.meta_info == {"temperature": 1.0}  # select() shared the dict before the fix
 
 
 # --- sampled ids outside the shared vocabulary ----------------------------------------------

@@ -80,7 +80,9 @@ def teacher_request(batch: DataProto) -> DataProto:
     is padded to a multiple of the group's ranks and the padding dropped from the output (every
     rank runs the same number of forwards, as FSDP2's collectives need); any teacher pool size
     then works with any batch size."""
-    inputs = batch.select(batch_keys=list(F.TEACHER_INPUTS), non_tensor_batch_keys=[])
+    # meta_info_keys=[]: select() would otherwise share the batch's meta_info dict, and the padding
+    # flag would ride along into the actor's calls
+    inputs = batch.select(batch_keys=list(F.TEACHER_INPUTS), non_tensor_batch_keys=[], meta_info_keys=[])
     inputs.meta_info[DataProtoConfig.auto_padding_key] = True
     return inputs
 

@@ -89,23 +89,32 @@ def _suggest_batch(prompts: int, n: int, divisor: int) -> str:
     return " or ".join(f"data.train_batch_size={v} ({v * n} sequences)" for v in options)
 
 
+# verl's ResourcePoolManager.max_colocate_count: every accelerator bundle also reserves this many CPUs
+CPUS_PER_BUNDLE = 3
+
+
 def check_cluster(pools: Pools, nodes: list[dict], resource: str = "GPU") -> None:
     """The Ray cluster can host both pools: ``nodes`` as ``ray.nodes()`` returns them. Checked right
-    after Ray starts, before any data or model is loaded (verl's own check comes after both)."""
-    free = sorted((float(n.get("Resources", {}).get(resource, 0)) for n in nodes if n.get("Alive", True)), reverse=True)
+    after Ray starts, before any data or model is loaded (verl's own check comes after both; a node
+    short of CPUs makes verl's placement group wait forever instead of failing)."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    free = sorted(([float(r.get(resource, 0)), float(r.get("CPU", 0))] for r in alive), reverse=True)
     wanted = sorted(pools.trainer + (pools.teacher or []), reverse=True)
     layout = f"trainer pool {pools.trainer}" + (f" + teacher pool {pools.teacher}" if pools.teacher else "")
-    have = f"the Ray cluster has {sum(free):g} {resource} on {len(free)} node(s) ({', '.join(f'{f:g}' for f in free)})"
+    have = (f"the Ray cluster has {sum(f[0] for f in free):g} {resource} on {len(free)} node(s) "
+            f"({', '.join(f'{f[0]:g} {resource} + {f[1]:g} CPU' for f in free)})")
     for need in wanted:  # first-fit decreasing: each pool entry is one node's worth of a placement group
-        for i, f in enumerate(free):
-            if f >= need:
-                free[i] -= need
+        for f in free:
+            if f[0] >= need and f[1] >= CPUS_PER_BUNDLE * need:
+                f[0] -= need
+                f[1] -= CPUS_PER_BUNDLE * need
                 break
         else:
             raise TAConfigError(
                 f"the run needs {pools.gpus} {resource} on {len(wanted)} node(s) ({layout}, from trainer.nnodes x "
-                f"trainer.n_gpus_per_node = {pools.total[0]} x {pools.total[1]}, which counts ALL nodes of the run) "
-                f"but {have}; give trainer.nnodes / n_gpus_per_node that match the allocation")
+                f"trainer.n_gpus_per_node = {pools.total[0]} x {pools.total[1]}, which counts ALL nodes of the run), "
+                f"and {CPUS_PER_BUNDLE} CPUs per {resource} (verl's placement bundles), but {have}; give "
+                f"trainer.nnodes / n_gpus_per_node that match the allocation (and ray start --num-cpus)")
 
 
 def check_trainer_divisibility(cfg: DictConfig, pools: Pools) -> None:
@@ -130,6 +139,11 @@ def check_trainer_divisibility(cfg: DictConfig, pools: Pools) -> None:
         raise TAConfigError(f"{pool}) is not a multiple of one vLLM rollout replica ({replica} GPUs = tensor x data x "
                             "pipeline parallel sizes of actor_rollout_ref.rollout); change the rollout parallel sizes "
                             "or the pool split")
+    per_node = pools.trainer[0]
+    if per_node % replica and replica % per_node:
+        raise TAConfigError(f"one vLLM rollout replica ({replica} GPUs) would straddle nodes of {per_node} GPUs (verl "
+                            f"places a replica within one node or on whole nodes); use a replica size that divides "
+                            f"{per_node} or is a multiple of it")
     prompts = _positive_int(cfg.data.train_batch_size, "data.train_batch_size")
     n = _positive_int(rollout.n, "actor_rollout_ref.rollout.n")
     batch = prompts * n
@@ -152,6 +166,41 @@ def check_trainer_divisibility(cfg: DictConfig, pools: Pools) -> None:
             f"actor_rollout_ref.actor.ppo_mini_batch_size x rollout.n = {mini} sequences is not divisible by the {dp} "
             f"data-parallel ranks of {pool}) (verl's train_mini_batch asserts it); use a ppo_mini_batch_size that "
             f"makes it a multiple of {dp}")
+    if batch % mini:
+        raise TAConfigError(
+            f"{batch} sequences per step are not a whole number of mini-batches of actor_rollout_ref.actor."
+            f"ppo_mini_batch_size x rollout.n = {mini} (verl's update iterates over whole mini-batches); TA-OPD "
+            f"takes one step per rollout: set ppo_mini_batch_size = data.train_batch_size = {prompts}")
+    check_micro_batches(cfg, batch // dp, mini // dp)
+
+
+def check_micro_batches(cfg: DictConfig, per_rank: int, mini_per_rank: int) -> None:
+    """verl's micro-batching of the statistics pass (old log-probs) and of the update, per rank:
+    fixed micro-batches must divide the rank's share (``workers/engine/utils.py``); token budgets
+    (``use_dynamic_bsz``) must hold the longest sequence (``utils/seqlen_balancing.py``), else
+    verl asserts on the first long rollout, possibly many steps in."""
+    rollout, actor = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.actor
+    longest = _positive_int(cfg.data.get("max_prompt_length", 1), "data.max_prompt_length") + \
+        _positive_int(cfg.data.max_response_length, "data.max_response_length")
+    for dynamic, budget_key, mbs_key, share, what in (
+            (actor.get("use_dynamic_bsz", False), "actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
+             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", mini_per_rank, "update"),
+            (rollout.get("log_prob_use_dynamic_bsz", actor.get("use_dynamic_bsz", False)),
+             "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu",
+             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu", per_rank, "statistics pass")):
+        if dynamic:
+            budget = OmegaConf.select(cfg, budget_key)
+            if budget is not None and budget < longest:
+                raise TAConfigError(
+                    f"{budget_key}={budget} is below the longest sequence, data.max_prompt_length + "
+                    f"max_response_length = {longest} (verl's dynamic batching asserts it on the first long rollout "
+                    f"of the {what}); give at least {longest}")
+        else:
+            mbs = OmegaConf.select(cfg, mbs_key)
+            if mbs is not None and share % mbs:
+                raise TAConfigError(
+                    f"{mbs_key}={mbs} does not divide the {share} sequences each rank gets in the {what} (verl "
+                    f"splits them into whole micro-batches); use a divisor of {share}")
 
 
 def check_unsupported_modes(cfg: DictConfig) -> None:
