@@ -160,6 +160,23 @@ def run_cpu(cfg: DictConfig, ta: TAConfig) -> dict:
     return summary
 
 
+def _local_data_files(files, key: str):
+    """Local data files must exist (checked now, not after Ray started) and are made absolute;
+    remote URLs (``hdfs://``, ``s3://`` ...) are verl's to fetch."""
+    many = not isinstance(files, str)
+    out = []
+    for f in (list(files) if many else [files]):
+        f = str(f)
+        if "://" not in f:
+            path = Path(os.path.expanduser(f))
+            if not path.exists():
+                raise TAConfigError(f"{key}={f!r} does not exist (resolved against {Path.cwd()}); give a verl RL "
+                                    "parquet file (python -m recipe.ta_opd.data writes them)")
+            f = str(path.resolve())
+        out.append(f)
+    return out if many else out[0]
+
+
 def run_verl(cfg: DictConfig, ta: TAConfig) -> dict:
     from recipe.ta_opd.verl_backend.runner import run_verl as launch
     from recipe.ta_opd.verl_backend.validate import plan
@@ -172,6 +189,9 @@ def run_verl(cfg: DictConfig, ta: TAConfig) -> dict:
         if files is None:
             raise TAConfigError(f"{key} is required on the verl backend (verl RL parquet files)")
     p = plan(cfg, ta, student_path=str(student), teacher_path=str(teacher))
+    with open_dict(cfg):  # Ray's workers read the files from their own working directory: absolute paths
+        cfg.data.train_files = _local_data_files(cfg.data.train_files, "data.train_files")
+        cfg.data.val_files = _local_data_files(cfg.data.val_files, "data.val_files")
     pool = "colocated with the trainer" if p.teacher_pool is None else f"pool {p.teacher_pool}"
     nodes, gpus = p.pools.total
     print(f"[ta-opd] verl backend: allocation {nodes} x {gpus} GPUs (trainer.nnodes x n_gpus_per_node) -> trainer "

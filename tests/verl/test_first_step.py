@@ -237,3 +237,18 @@ def test_the_recipes_grader_is_verls_default_scorer_unless_the_user_sets_one():
     assert fn("ta_opd_toy_addition", "A:12", "12") == compute_score("ta_opd_toy_addition", "A:12", "12")
     cfg, _ = _plan("reward.custom_reward_function.path=/mine.py", "reward.custom_reward_function.name=f")
     assert (cfg.reward.custom_reward_function.path, cfg.reward.custom_reward_function.name) == ("/mine.py", "f")
+
+
+def test_local_data_files_must_exist_and_become_absolute(tmp_path, monkeypatch):
+    """The paper configs default to relative data/dapo/*.parquet; Ray's workers open them from their
+    own working directory, after Ray started: checked and made absolute on the driver."""
+    from recipe.ta_opd.main import _local_data_files
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.parquet").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert _local_data_files("d/train.parquet", "data.train_files") == str(tmp_path / "d" / "train.parquet")
+    assert _local_data_files(["d/train.parquet", "hdfs://x/y.parquet"], "k") == [
+        str(tmp_path / "d" / "train.parquet"), "hdfs://x/y.parquet"]
+    with pytest.raises(TAConfigError, match=r"data.val_files='d/val.parquet' does not exist \(resolved against "):
+        _local_data_files("d/val.parquet", "data.val_files")
