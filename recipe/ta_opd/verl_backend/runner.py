@@ -105,7 +105,6 @@ def run_verl(config, plan: VerlPlan) -> None:
         kwargs = OmegaConf.to_container(config.ray_kwargs.get("ray_init", {}), resolve=True)
         kwargs["runtime_env"] = ray_runtime_env(config)
         ray.init(**kwargs)
-    if plan.pools is not None:  # before any data or model is loaded
-        check_cluster(plan.pools, ray.nodes(), get_platform().ray_resource_name())
+    check_cluster(plan.pools, ray.nodes(), get_platform().ray_resource_name())  # before any data or model loads
     runner = ray.remote(num_cpus=1)(TAOPDTaskRunner).remote()
     ray.get(runner.run.remote(config, plan))

@@ -34,9 +34,13 @@ class VerlPlan:
     teacher_backend: str
     loss_mode: str
     teacher_worker: dict  # TeacherWorkerConfig fields
-    teacher_pool: list[int] | None  # GPUs per node of the teacher pool; None = colocated on the trainer's pool
     actor_distillation: dict | None  # fsdp backend: the actor-only distillation config
-    pools: Pools | None = None  # the allocation and its split into trainer and teacher pools
+    pools: Pools  # the allocation and its split into trainer and teacher pools
+
+    @property
+    def teacher_pool(self) -> list[int] | None:
+        """GPUs per node of the teacher pool; None = colocated on the trainer's pool."""
+        return self.pools.teacher
 
 
 def _positive_int(value, key: str) -> int:
@@ -340,4 +344,4 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
 
     TeacherWorkerConfig(**worker)  # validates dtypes and sizes now, not on the cluster
     return VerlPlan(ta=ta, vocab_size=vocab, teacher_backend=backend, loss_mode=loss_mode, teacher_worker=worker,
-                    teacher_pool=pools.teacher, actor_distillation=copy.deepcopy(actor_distillation), pools=pools)
+                    actor_distillation=copy.deepcopy(actor_distillation), pools=pools)
