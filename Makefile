@@ -27,7 +27,7 @@ demo: venv
 	$(PY) -m recipe.ta_opd.main
 
 sweep: venv
-	$(PY) launch/toy_sweep.py
+	$(PY) launch/toy_sweep.py --jobs 2
 
 bench: venv
 	$(PY) benchmarks/bench_scoring.py

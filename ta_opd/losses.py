@@ -24,7 +24,7 @@ masked positions are never read into the loss (they may hold anything).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -57,12 +57,39 @@ class LossOutput:
 
 
 LossFn = Callable[..., LossOutput]
-_LOSSES: Registry[LossFn] = Registry("loss")
+# the LossInputs fields a loss may declare it reads (``mask`` is always given, so never declared)
+INPUT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LossInputs) if f.name != "mask")
 
 
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+@dataclass(frozen=True)
+class _Registered:
+    fn: LossFn
+    needs: tuple[str, ...]  # the LossInputs fields fn reads besides mask
+
+
+_LOSSES: Registry[_Registered] = Registry("loss")
+
+
+def _check_needs(name: str, needs) -> tuple[str, ...]:
+    if isinstance(needs, str) or not isinstance(needs, (tuple, list)):
+        raise TAConfigError(f"register_loss({name!r}, needs={needs!r}): needs must be a tuple of LossInputs field "
+                            f"names, e.g. ('log_prob', 'old_log_prob'); valid fields: {', '.join(INPUT_FIELDS)}")
+    for field in needs:
+        if field != "mask" and field not in INPUT_FIELDS:
+            raise TAConfigError(f"register_loss({name!r}): needs names {field!r}, which is not a LossInputs field; "
+                                f"valid fields: {', '.join(INPUT_FIELDS)} (mask is always given)")
+    return tuple(dict.fromkeys(f for f in needs if f != "mask"))  # declared order, no duplicates
+
+
+def register_loss(name: str, needs: tuple[str, ...] | None = None) -> Callable[[LossFn], LossFn]:
+    """Register ``fn(inp: LossInputs, *, clip_low, clip_high, loss_agg, denominator, ...)`` as
+    loss ``name``. ``needs``: the LossInputs fields it reads (``mask`` is implied); backends
+    compute only those, so a field not declared stays None. Omitted: every field (a backend then
+    computes all it can, the costly top-K gather and rest mass included)."""
+    declared = INPUT_FIELDS if needs is None else _check_needs(name, needs)
+
     def deco(fn: LossFn) -> LossFn:
-        _LOSSES.add(name, fn)
+        _LOSSES.add(name, _Registered(fn, declared))
         return fn
 
     return deco
@@ -73,7 +100,13 @@ def available_losses() -> tuple[str, ...]:
 
 
 def get_loss(name: str) -> LossFn:
-    return _LOSSES.get(name)
+    return _LOSSES.get(name).fn
+
+
+def loss_needs(name: str) -> tuple[str, ...]:
+    """The LossInputs fields registered loss ``name`` reads besides ``mask``: all a backend
+    needs to compute for it."""
+    return _LOSSES.get(name).needs
 
 
 def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
@@ -150,7 +183,7 @@ def pg_opd_token_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
     return torch.maximum(unclipped, clipped), clipped > unclipped, log_ratio
 
 
-@register_loss("pg_opd")
+@register_loss("pg_opd", needs=("log_prob", "old_log_prob", "teacher_log_prob"))
 def pg_opd_loss(inp: LossInputs, *, clip_low: float = 0.2, clip_high: float = 0.28,
                 loss_agg: str = "token-mean", denominator=None) -> LossOutput:
     """Sampled-token PG-OPD with PPO clipping (Eqs. 6-7 with ℓ̂_t)."""
@@ -251,11 +284,14 @@ def _check_topk_inputs(s: torch.Tensor, s_rest: torch.Tensor, t: torch.Tensor, m
                                f"{float(mass[b, tt]):.6f} > 1 (+{tol} rounding): not the log-probs of one distribution")
 
 
+_TOPK_NEEDS = ("student_topk_logp", "student_rest_logp", "teacher_topk_logp")
+
+
 def _topk_kl(inp: LossInputs, reverse: bool, loss_agg: str, denominator) -> LossOutput:
     if inp.student_rest_logp is None and inp.student_topk_logp is not None:
         raise TAInputError("the top-K losses need student_rest_logp, the log of the student's mass outside the "
                            "teacher's top-K ids: compute both from the logits with ta_opd.losses.topk_logp_and_rest")
-    s, s_rest, t = _need(inp, "student_topk_logp", "student_rest_logp", "teacher_topk_logp")
+    s, s_rest, t = _need(inp, *_TOPK_NEEDS)
     if s.shape != t.shape or s.dim() != 3 or s_rest.shape != s.shape[:2]:
         raise TAInputError(f"student_topk_logp {tuple(s.shape)} and teacher_topk_logp {tuple(t.shape)} must both be "
                            f"(B, T, K) and student_rest_logp {tuple(s_rest.shape)} (B, T)")
@@ -275,13 +311,13 @@ def _topk_kl(inp: LossInputs, reverse: bool, loss_agg: str, denominator) -> Loss
     return LossOutput(loss, metrics)
 
 
-@register_loss("topk_forward_kl")
+@register_loss("topk_forward_kl", needs=_TOPK_NEEDS)
 def topk_forward_kl_loss(inp: LossInputs, *, loss_agg: str = "token-mean", denominator=None, **_) -> LossOutput:
     """KL(T̃ || S̃) on the teacher's top-K ids + a rest bin (see topk_kl_per_token)."""
     return _topk_kl(inp, reverse=False, loss_agg=loss_agg, denominator=denominator)
 
 
-@register_loss("topk_reverse_kl")
+@register_loss("topk_reverse_kl", needs=_TOPK_NEEDS)
 def topk_reverse_kl_loss(inp: LossInputs, *, loss_agg: str = "token-mean", denominator=None, **_) -> LossOutput:
     """KL(S̃ || T̃) on the teacher's top-K ids + a rest bin (see topk_kl_per_token)."""
     return _topk_kl(inp, reverse=True, loss_agg=loss_agg, denominator=denominator)
@@ -293,6 +329,6 @@ def compute_loss(name: str, inp: LossInputs, *, clip_low: float = 0.2, clip_high
     return get_loss(name)(inp, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg, denominator=denominator)
 
 
-__all__ = ["LossInputs", "LossOutput", "register_loss", "available_losses", "get_loss", "aggregate",
+__all__ = ["LossInputs", "LossOutput", "register_loss", "available_losses", "get_loss", "loss_needs", "aggregate",
            "compute_loss", "check_kept_finite", "pg_opd_loss", "pg_opd_token_loss", "teacher_rest_logp", "topk_kl_per_token",
            "topk_logp_and_rest", "topk_forward_kl_loss", "topk_reverse_kl_loss"]

@@ -93,6 +93,7 @@ CASES: list[tuple[str, list[str]]] = [
     ("weight_decay negative", ["ta_opd.cpu.weight_decay=-0.1"]),
     ("unknown toy.spec key", ["+ta_opd.toy.spec.n_trian=10"]),
     ("toy.spec value of the wrong type", ["+ta_opd.toy.spec.teacher_steps=many"]),
+    ("toy.spec probability out of range", ["+ta_opd.toy.spec.student_slip=1.5"]),
     ("interpolation to a missing key", ["trainer.experiment_name=${{nope.missing}}"]),
     # --- folders ---
     ("output folder under a file (unwritable)", ["trainer.default_local_dir={a_file}/run"]),

@@ -225,3 +225,28 @@ def test_padded_logit_rows_are_sliced_and_tokenizer_mismatch_rejected(tiny_pair,
     other.add_tokens(["<|extra|>"])
     with pytest.raises(TAConfigError, match="tokenizers differ"):
         check_vocab(tok, other, trainer.student, trainer.teacher)
+
+
+def test_student_scored_at_rollout_temperature_teacher_at_one():
+    """verl's actor divides the student's logits by rollout.temperature before log-probs and before
+    the statistics hook; its teacher path scores at 1. The CPU step must do the same."""
+    from recipe.ta_opd.cpu.step import rollout_logits, score_batch
+
+    tok = build_tokenizer()
+    student, teacher = build_model(tok, STUDENT_ARCH, seed=3), build_model(tok, STUDENT_ARCH, seed=4)
+    prompts = [encode_prompt(tok, [{"role": "user", "content": c}]) for c in ("1+2", "34+67")]
+    ro = generate(student, prompts, max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                  temperature=0.6, generator=torch.Generator().manual_seed(0))
+    cfg = TAConfig(selector="full", topk=4, teacher_topk=8)
+    with torch.no_grad():
+        s, t = rollout_logits(student, ro), rollout_logits(teacher, ro)
+    scored = score_batch(student, teacher, ro, cfg, step=0, temperature=0.6)
+    valid = ro.response_mask
+    want_s = torch.log_softmax(s / 0.6, -1).gather(-1, ro.responses.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(scored.old_logp[valid], want_s[valid], rtol=1e-5, atol=1e-5)
+    at_one = torch.log_softmax(s, -1).gather(-1, ro.responses.unsqueeze(-1)).squeeze(-1)
+    assert (scored.old_logp[valid] - at_one[valid]).abs().max() > 1e-2  # the scaling is not a no-op here
+    want_t = torch.log_softmax(t, -1).gather(-1, ro.responses.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(scored.teacher_logp[valid], want_t[valid], rtol=1e-5, atol=1e-5)
+    want_h = -(torch.softmax(s / 0.6, -1) * torch.log_softmax(s / 0.6, -1)).sum(-1)
+    torch.testing.assert_close(scored.stats.H[valid], want_h[valid], rtol=1e-4, atol=1e-4)

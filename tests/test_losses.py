@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ta_opd import LossInputs, TAConfigError, TAInputError, aggregate, available_losses, compute_loss, register_loss
-from ta_opd.losses import topk_kl_per_token, topk_logp_and_rest
+from ta_opd.losses import INPUT_FIELDS, _LOSSES, loss_needs, topk_kl_per_token, topk_logp_and_rest
 
 
 def _inputs(mask, seed=0, B=3, T=5):
@@ -272,3 +272,107 @@ def test_loss_input_errors():
     with pytest.raises(TAInputError, match="mask"):
         compute_loss("pg_opd", LossInputs(mask=torch.ones(1, 3, dtype=torch.bool), log_prob=torch.zeros(1, 2),
                                           old_log_prob=torch.zeros(1, 2), teacher_log_prob=torch.zeros(1, 2)))
+
+
+# ----------------------------------------------------------------------------- declared inputs
+
+
+def _every_field(mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A valid value for every LossInputs field but mask, (B, T) = mask's shape."""
+    B, T = mask.shape
+    logits, ids, t_lp = _topk_case(B=B, T=T)
+    s, s_rest = topk_logp_and_rest(logits, ids)
+    pg = _inputs(mask, B=B, T=T)
+    return {"log_prob": pg.log_prob, "old_log_prob": pg.old_log_prob, "teacher_log_prob": pg.teacher_log_prob,
+            "student_topk_logp": s, "student_rest_logp": s_rest, "teacher_topk_logp": t_lp}
+
+
+def test_built_in_losses_declare_their_inputs():
+    assert loss_needs("pg_opd") == ("log_prob", "old_log_prob", "teacher_log_prob")
+    for name in ("topk_forward_kl", "topk_reverse_kl"):
+        assert loss_needs(name) == ("student_topk_logp", "student_rest_logp", "teacher_topk_logp")
+    with pytest.raises(TAConfigError, match="loss='pg' is unknown; valid losses: pg_opd"):
+        loss_needs("pg")
+
+
+@pytest.mark.parametrize("loss", available_losses())
+def test_each_loss_declares_exactly_the_fields_it_reads(loss):
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    every = _every_field(mask)
+    assert set(every) == set(INPUT_FIELDS)
+    needs = loss_needs(loss)
+    # only the declared fields (every other one None): runs, so it reads nothing undeclared
+    out = compute_loss(loss, LossInputs(mask=mask, **{f: every[f] for f in needs}))
+    assert math.isfinite(out.loss.item())
+    # any one declared field missing: refused by name, so every declared field is read
+    for missing in needs:
+        with pytest.raises(TAInputError, match=missing):
+            compute_loss(loss, LossInputs(mask=mask, **{f: every[f] for f in needs if f != missing}))
+
+
+def test_register_loss_checks_the_declared_fields():
+    with pytest.raises(TAConfigError, match="needs names 'logits', which is not a LossInputs field; valid fields: "
+                                            "log_prob, old_log_prob, teacher_log_prob, student_topk_logp"):
+        register_loss("test_only_bad_needs", needs=("log_prob", "logits"))(lambda *a, **k: None)
+    with pytest.raises(TAConfigError, match="needs must be a tuple of LossInputs field names"):
+        register_loss("test_only_bad_needs", needs="log_prob")(lambda *a, **k: None)
+    assert "test_only_bad_needs" not in available_losses()  # a refused declaration registers nothing
+    try:
+        register_loss("test_only_mask_dup", needs=("mask", "log_prob", "log_prob"))(lambda *a, **k: None)
+        register_loss("test_only_undeclared")(lambda *a, **k: None)
+        assert loss_needs("test_only_mask_dup") == ("log_prob",)  # mask is implied
+        assert loss_needs("test_only_undeclared") == INPUT_FIELDS  # no declaration: every field
+    finally:
+        for name in ("test_only_mask_dup", "test_only_undeclared"):
+            _LOSSES._items.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def cpu_step_case():
+    """A tiny student, a rollout at temperature 0.6, and its scored batch (CPU backend)."""
+    from recipe.ta_opd.cpu.step import score_batch
+    from ta_opd import TAConfig
+    from ta_opd.rollout import encode_prompt, generate
+    from ta_opd.toy.models import STUDENT_ARCH, build_model
+    from ta_opd.toy.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    student, teacher = build_model(tok, STUDENT_ARCH, seed=3), build_model(tok, STUDENT_ARCH, seed=4)
+    student.eval()
+    prompts = [encode_prompt(tok, [{"role": "user", "content": c}]) for c in ("1+2", "34+67", "5+5")]
+    ro = generate(student, prompts, max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                  temperature=0.6, generator=torch.Generator().manual_seed(0))
+    cfg = TAConfig(selector="full", topk=4, teacher_topk=8)
+    return student, ro, score_batch(student, teacher, ro, cfg, step=0, temperature=0.6), cfg
+
+
+@pytest.mark.parametrize("loss", available_losses())
+def test_cpu_loss_inputs_compute_only_the_declared_fields(cpu_step_case, loss, monkeypatch):
+    """The CPU update builds only what the loss reads (pg_opd: no top-K gather, no rest-mass
+    pass), with the same loss value and gradient as building every field."""
+    from dataclasses import replace
+
+    from recipe.ta_opd.cpu import step
+
+    student, ro, scored, cfg = cpu_step_case
+    cfg = replace(cfg, loss=loss)
+
+    def run():
+        student.zero_grad(set_to_none=True)
+        inp = step.loss_inputs(step.response_logits(student, ro, temperature=0.6), ro, scored, cfg)
+        out = compute_loss(loss, inp, clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_agg=cfg.loss_agg)
+        out.loss.backward()
+        return inp, out.loss.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None]
+
+    lazy, lazy_loss, lazy_grads = run()
+    assert [f for f in INPUT_FIELDS if getattr(lazy, f) is not None] == [f for f in INPUT_FIELDS if f in loss_needs(loss)]
+    if loss == "pg_opd":
+        assert lazy.student_rest_logp is None and lazy.student_topk_logp is None
+    with monkeypatch.context() as m:
+        m.setattr(step, "loss_needs", lambda name: INPUT_FIELDS)
+        full, full_loss, full_grads = run()
+    assert all(getattr(full, f) is not None for f in INPUT_FIELDS)
+    assert lazy_loss.item() != 0.0 and torch.equal(lazy_loss, full_loss)
+    assert len(lazy_grads) == len(full_grads) > 0 and any(bool(g.abs().max() > 0) for g in lazy_grads)
+    for a, b in zip(lazy_grads, full_grads):
+        assert torch.equal(a, b)

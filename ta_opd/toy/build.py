@@ -55,7 +55,7 @@ BUILD_ENV = {"OMP_NUM_THREADS": str(BUILD_THREADS), "MKL_NUM_THREADS": str(BUILD
 
 @dataclass(frozen=True)
 class ToySpec:
-    version: int = 4
+    version: int = 5
     min_digits: int = 2
     max_digits: int = 2
     n_train: int = 4000
@@ -64,8 +64,12 @@ class ToySpec:
     teacher_steps: int = 800
     teacher_semicolon_share: float = 0.5  # the teacher writes ";" or " " between steps
     teacher_r_share: float = 0.2  # and "R=" in 20 % of answers, "A:" otherwise (it can continue "R=")
-    student_steps: int = 300
+    student_steps: int = 600
     student_space_share: float = 0.1  # the student mostly writes ";", always "R=" (never "A")
+    # the student's systematic mistake (task.slipped_solution): a carry into a column whose digits
+    # sum to >= 5 is dropped in this share of its SFT solutions, into other columns in slip_other
+    student_slip: float = 0.6
+    student_slip_other: float = 0.05
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
@@ -199,11 +203,18 @@ def build_environment() -> dict:
             "env": {k: os.environ.get(k) for k in BUILD_ENV}}
 
 
-def _render(rng: random.Random, semicolon_share: float, r_share: float, corrupt: random.Random | None):
+def _teacher_render(rng: random.Random, semicolon_share: float, r_share: float):
     def render(p):
         sep = ";" if rng.random() < semicolon_share else " "
         marker = "R=" if rng.random() < r_share else "A:"
-        return task.solution(p, sep, marker, corrupt=corrupt)
+        return task.solution(p, sep, marker)
+    return render
+
+
+def _student_render(rng: random.Random, slips: random.Random, spec: ToySpec):
+    def render(p):
+        sep = " " if rng.random() < spec.student_space_share else ";"
+        return task.slipped_solution(p, slips, sep, "R=", slip=spec.student_slip, slip_other=spec.student_slip_other)
     return render
 
 
@@ -228,14 +239,14 @@ def _build(out: Path, spec: ToySpec, log) -> dict:
     log(f"toy pair: SFT teacher ({spec.teacher_steps} steps)")
     t1 = time.time()
     teacher = build_model(tok, TEACHER_ARCH, spec.seed)
-    ex = sft_examples(tok, train, _render(random.Random(spec.seed), spec.teacher_semicolon_share, spec.teacher_r_share, None))
+    ex = sft_examples(tok, train, _teacher_render(random.Random(spec.seed), spec.teacher_semicolon_share,
+                                                  spec.teacher_r_share))
     sft(teacher, ex, steps=spec.teacher_steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
         pad_id=tok.pad_token_id, log=log)
     t2 = time.time()
-    log(f"toy pair: SFT student ({spec.student_steps} steps, noisy steps, ';' and 'R=' format)")
+    log(f"toy pair: SFT student ({spec.student_steps} steps, carry slips, ';' and 'R=' format)")
     student = build_model(tok, STUDENT_ARCH, spec.seed + 1)
-    ex = sft_examples(tok, train, _render(random.Random(spec.seed + 1), 1 - spec.student_space_share, 1.0,
-                                          random.Random(spec.seed + 2)))
+    ex = sft_examples(tok, train, _student_render(random.Random(spec.seed + 1), random.Random(spec.seed + 2), spec))
     sft(student, ex, steps=spec.student_steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed + 1,
         pad_id=tok.pad_token_id, log=log)
     t3 = time.time()
@@ -245,13 +256,18 @@ def _build(out: Path, spec: ToySpec, log) -> dict:
     msgs, answers = [[{"role": "user", "content": p.prompt}] for p in test], [p.answer for p in test]
     acc_t = greedy_accuracy(teacher, tok, msgs, answers)
     acc_s = greedy_accuracy(student, tok, msgs, answers)
+    # one sample per problem at temperature 1 (the rollout temperature): on-policy training learns
+    # from these, so a student whose samples are far worse than its greedy answers is a poor toy
+    acc_s_t1 = greedy_accuracy(student, tok, msgs, answers, temperature=1.0, seed=spec.seed)
     c_report = compatibility_report(student, teacher, tok, train[:64], spec.report_topk, spec.seed)
-    log(f"toy pair: held-out greedy accuracy teacher {acc_t:.3f}, student {acc_s:.3f}; "
+    log(f"toy pair: held-out greedy accuracy teacher {acc_t:.3f}, student {acc_s:.3f} "
+        f"(sampled at temperature 1: {acc_s_t1:.3f}); "
         f"C < 0.5 at {c_report['frac_C_below_0.5']:.3f} of student-rollout positions (K={spec.report_topk})")
     return {"spec": asdict(spec), "key": spec.key(), "vocab_size": len(tok),
             "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "student_params": sum(p.numel() for p in student.parameters()),
-            "teacher_accuracy": acc_t, "student_accuracy": acc_s, "compatibility": c_report,
+            "teacher_accuracy": acc_t, "student_accuracy": acc_s, "student_sampled_accuracy_t1": acc_s_t1,
+            "compatibility": c_report,
             "build_environment": build_environment(),
             "seconds": {"data": t1 - t0, "teacher_sft": t2 - t1, "student_sft": t3 - t2, "total": time.time() - t0}}
 

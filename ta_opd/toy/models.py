@@ -82,13 +82,15 @@ def sft(model, examples: list[SFTExample], *, steps: int, batch_size: int, lr: f
 
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, prompts: list[list[dict]], answers: list, *, batch_size: int = 256,
-                    max_new_tokens: int = 40) -> float:
-    """Share of chat prompts whose greedy response has the right final answer."""
+                    max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0) -> float:
+    """Share of chat prompts whose response has the right final answer: greedy by default, else
+    one sample per prompt at ``temperature`` (generator seeded with ``seed``)."""
+    gen = torch.Generator().manual_seed(seed)
     correct = 0
     for i in range(0, len(prompts), batch_size):
         ids = [encode_prompt(tokenizer, m) for m in prompts[i:i + batch_size]]
         ro = generate(model, ids, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
-                      pad_id=tokenizer.pad_token_id, temperature=0.0)
+                      pad_id=tokenizer.pad_token_id, temperature=temperature, generator=gen)
         texts = tokenizer.batch_decode(ro.responses, skip_special_tokens=True)
         correct += sum(is_correct(t, a) for t, a in zip(texts, answers[i:i + batch_size]))
     return correct / len(prompts)

@@ -8,9 +8,11 @@ column additions from the right, separated by ``sep``, then the answer after ``m
 
 The toy pair is trained so that the teacher writes either separator and mostly "A:" (it also
 saw "R=", so it continues the student's answers correctly), while the student mostly writes ";"
-and always "R=" (it never saw "A"). Corrections on digits and separators then fall inside the
-student's top-K (learnable), while the teacher's preferred "A" after the last step is a token the
-student gives almost no mass (incompatible). The checker accepts both markers.
+and always "R=" (it never saw "A"), and makes one systematic mistake (:func:`slipped_solution`):
+it often drops a carry into a column whose digits sum to 5 or more. The teacher's "+1" where the
+student writes "+0" is then a large disagreement inside the student's top-K (learnable: the
+student also saw the carry kept), while the teacher's preferred "A" after the last step is a
+token the student gives almost no mass (incompatible). The checker accepts both markers.
 """
 
 from __future__ import annotations
@@ -45,24 +47,46 @@ def sample_problem(rng: random.Random, min_digits: int = 2, max_digits: int = 3)
     return Problem(number(), number())
 
 
-def solution(p: Problem, sep: str = " ", marker: str = "A:", corrupt: random.Random | None = None) -> str:
-    """The written solution. With ``corrupt``, one step's sum is wrong half of the time (the
-    noisy pre-training data of the student)."""
-    if sep not in (" ", ";") or marker not in ("A:", "R="):
-        raise ValueError(f"sep={sep!r} / marker={marker!r}: allowed separators ' ', ';' and markers 'A:', 'R='")
+def _steps(p: Problem, slip=None) -> tuple[list[str], int]:
+    """Column steps from the right and the final answer. ``slip(x, y) -> bool`` is asked at
+    each column that receives a carry; True drops the carry there (the step writes +0 and the
+    rest of the solution follows the dropped carry)."""
     da, db = str(p.a)[::-1], str(p.b)[::-1]
-    carry, steps = 0, []
+    carry, steps, digits = 0, [], []
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
+        if carry and slip is not None and slip(x, y):
+            carry = 0
         s = x + y + carry
         steps.append(f"{x}+{y}+{carry}={s}")
+        digits.append(s % 10)
         carry = s // 10
-    if corrupt is not None and corrupt.random() < 0.5:
-        i = corrupt.randrange(len(steps))
-        head, _, s = steps[i].rpartition("=")
-        steps[i] = f"{head}={(int(s) + corrupt.choice([1, 9])) % 19}"
-    return sep.join(steps) + sep + f"{marker}{p.answer}"
+    answer = int(("1" if carry else "") + "".join(str(d) for d in reversed(digits)))
+    return steps, answer
+
+
+def solution(p: Problem, sep: str = " ", marker: str = "A:") -> str:
+    """The correct written solution."""
+    if sep not in (" ", ";") or marker not in ("A:", "R="):
+        raise ValueError(f"sep={sep!r} / marker={marker!r}: allowed separators ' ', ';' and markers 'A:', 'R='")
+    steps, answer = _steps(p)
+    return sep.join(steps) + sep + f"{marker}{answer}"
+
+
+def slipped_solution(p: Problem, rng: random.Random, sep: str = ";", marker: str = "R=", *, slip: float,
+                     slip_other: float) -> str:
+    """A solution with the student's systematic mistake: a carry into a column whose digits sum to
+    5 or more is dropped with probability ``slip`` (``slip_other`` into any other column); the
+    remaining steps and the answer follow the dropped carry, so a slip makes a consistent, wrong
+    solution. E.g. 47+85 -> ``7+5+0=12;4+8+0=12;R=122``."""
+    for name, v in (("slip", slip), ("slip_other", slip_other)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name}={v}: a probability in [0, 1] is required")
+    if sep not in (" ", ";") or marker not in ("A:", "R="):
+        raise ValueError(f"sep={sep!r} / marker={marker!r}: allowed separators ' ', ';' and markers 'A:', 'R='")
+    steps, answer = _steps(p, lambda x, y: rng.random() < (slip if x + y >= 5 else slip_other))
+    return sep.join(steps) + sep + f"{marker}{answer}"
 
 
 def extract_answer(text: str) -> int | None:

@@ -296,6 +296,8 @@ def toy_spec(cfg):
         if not ok:
             raise TAConfigError(f"ta_opd.toy.spec.{k}={v!r} is not allowed; it must be {'an' if t is int else 'a'} "
                                 f"{t.__name__}")
+        if (k.endswith("_share") or "slip" in k) and not 0.0 <= float(v) <= 1.0:
+            raise TAConfigError(f"ta_opd.toy.spec.{k}={v!r} is not allowed; it is a probability in [0, 1]")
     return ToySpec(**given)
 
 

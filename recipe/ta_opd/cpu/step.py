@@ -1,28 +1,40 @@
 """One TA-OPD step's tensor work on CPU: teacher outputs, statistics, selection, update.
 
 Logits are aligned to response tokens by ``ta_opd.rollout`` (the logits at position P - 1 + t
-score response token t). The update builds every field of ``ta_opd.losses.LossInputs`` it can
-provide and dispatches by name through the loss registry, so a newly registered loss that reads
-those fields runs here without an edit to this file.
+score response token t).
+
+Temperature, as on verl: the student's distribution everywhere in the step (old log-probs,
+statistics, selection, loss) is softmax(logits / T) at the rollout temperature T, the
+distribution the rollouts were sampled from (verl's actor divides its logits by
+``rollout.temperature`` before log-probs and before our statistics hook); the teacher is scored
+at temperature 1 (verl's teacher path does the same). Greedy rollouts (T = 0) are scored at 1.
+
+The update builds the fields of ``ta_opd.losses.LossInputs`` the loss declares it reads
+(``ta_opd.losses.loss_needs``; all it can provide for a loss that declares none) and dispatches
+by name through the loss registry, so a newly registered loss that reads those fields runs here
+without an edit to this file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from functools import cache
 
 import torch
 
 from ta_opd.config import TAConfig
-from ta_opd.losses import LossInputs, compute_loss
+from ta_opd.losses import LossInputs, compute_loss, loss_needs
 from ta_opd.rollout import Rollout, rollout_logits, token_logp
 from ta_opd.select import Selection, select_positions
 from ta_opd.stats import PositionStats, sparse_position_stats, student_topk
 from ta_opd.teacher_outputs import TeacherOutputs, teacher_outputs
 
 
-def response_logits(model, ro: Rollout, vocab_size: int | None = None) -> torch.Tensor:
-    """(B, R, V) logits that score each response token (``ta_opd.rollout.rollout_logits``)."""
-    return rollout_logits(model, ro, vocab_size)
+def response_logits(model, ro: Rollout, vocab_size: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """(B, R, V) logits that score each response token (``ta_opd.rollout.rollout_logits``),
+    divided by ``temperature`` (> 0; 0 = greedy rollouts, scored at 1)."""
+    logits = rollout_logits(model, ro, vocab_size)
+    return logits if temperature in (0, 1) else logits / temperature
 
 
 @dataclass(frozen=True)
@@ -35,10 +47,12 @@ class ScoredBatch:
 
 
 @torch.no_grad()
-def score_batch(student, teacher, ro: Rollout, cfg: TAConfig, step: int, vocab_size: int | None = None) -> ScoredBatch:
-    """Old log-prob pass (the student's full logits), teacher outputs, statistics, selection."""
+def score_batch(student, teacher, ro: Rollout, cfg: TAConfig, step: int, vocab_size: int | None = None,
+                temperature: float = 1.0) -> ScoredBatch:
+    """Old log-prob pass (the student's full logits at the rollout ``temperature``), teacher
+    outputs (temperature 1), statistics, selection."""
     valid = ro.response_mask
-    s_logits = response_logits(student, ro, vocab_size)  # (B, R, V): the one student forward of the step
+    s_logits = response_logits(student, ro, vocab_size, temperature)  # (B, R, V): the one student forward of the step
     old_logp = token_logp(s_logits, ro.responses)
     t_logits = response_logits(teacher, ro, vocab_size)
     s_valid = s_logits[valid]  # (N, V)
@@ -60,37 +74,48 @@ def score_batch(student, teacher, ro: Rollout, cfg: TAConfig, step: int, vocab_s
 
 
 def loss_inputs(logits: torch.Tensor, ro: Rollout, scored: ScoredBatch, cfg: TAConfig) -> LossInputs:
-    """Every LossInputs field the CPU backend provides, from the update's (B, R, V) logits.
+    """The LossInputs fields the loss ``cfg.loss`` reads (``ta_opd.losses.loss_needs``), from
+    the update's (B, R, V) logits; the others stay None and are never computed (pg_opd: no
+    top-K gather, no (B, R, V) rest-mass pass).
 
     The student's log-probs at the teacher's top-K ids share the log-partition of the sampled
     token's log-prob, so they cost a (B, R, K) gather, never a (B, R, V) log-prob tensor."""
     valid = ro.response_mask
     lf = logits.float()
-    lse = torch.logsumexp(lf, dim=-1, keepdim=True)  # (B, R, 1)
-    k = cfg.topk
-    t_ids = torch.zeros(*valid.shape, k, dtype=torch.long)  # (B, R, K) teacher's top-K ids, 0 at padding
-    t_lp = torch.zeros(*valid.shape, k)  # (B, R, K)
-    t_ids[valid] = scored.teacher.topk_ids[:, :k].long()
-    t_lp[valid] = scored.teacher.topk_logp[:, :k].float()
+
+    @cache
+    def lse() -> torch.Tensor:
+        return torch.logsumexp(lf, dim=-1, keepdim=True)  # (B, R, 1)
+
+    @cache
+    def teacher_topk() -> tuple[torch.Tensor, torch.Tensor]:
+        k = cfg.topk
+        t_ids = torch.zeros(*valid.shape, k, dtype=torch.long)  # (B, R, K) teacher's top-K ids, 0 at padding
+        t_lp = torch.zeros(*valid.shape, k)  # (B, R, K)
+        t_ids[valid] = scored.teacher.topk_ids[:, :k].long()
+        t_lp[valid] = scored.teacher.topk_logp[:, :k].float()
+        return t_ids, t_lp
+
     available = {
-        "mask": scored.selection.mask & valid,  # (B, R) kept positions
-        "log_prob": (lf.gather(-1, ro.responses.unsqueeze(-1)) - lse).squeeze(-1),  # (B, R)
-        "old_log_prob": scored.old_logp,
-        "teacher_log_prob": scored.teacher_logp,
-        "student_topk_logp": lf.gather(-1, t_ids) - lse,  # (B, R, K)
+        "log_prob": lambda: (lf.gather(-1, ro.responses.unsqueeze(-1)) - lse()).squeeze(-1),  # (B, R)
+        "old_log_prob": lambda: scored.old_logp,
+        "teacher_log_prob": lambda: scored.teacher_logp,
+        "student_topk_logp": lambda: lf.gather(-1, teacher_topk()[0]) - lse(),  # (B, R, K)
         # (B, R) log-mass on every other id, exact (a logsumexp over the other logits; one (B, R, V) copy)
-        "student_rest_logp": lf.scatter(-1, t_ids, float("-inf")).logsumexp(-1) - lse.squeeze(-1),
-        "teacher_topk_logp": t_lp,
+        "student_rest_logp": lambda: lf.scatter(-1, teacher_topk()[0], float("-inf")).logsumexp(-1) - lse().squeeze(-1),
+        "teacher_topk_logp": lambda: teacher_topk()[1],
     }
-    # a field this backend does not provide stays None; a loss that needs it says so by name
-    return LossInputs(**{f.name: available[f.name] for f in fields(LossInputs) if f.name in available})
+    # a needed field this backend does not provide stays None; the loss says so by name
+    return LossInputs(mask=scored.selection.mask & valid,  # (B, R) kept positions
+                      **{name: available[name]() for name in loss_needs(cfg.loss) if name in available})
 
 
 def update(student, optimizer, ro: Rollout, scored: ScoredBatch, cfg: TAConfig, grad_clip: float,
-           vocab_size: int | None = None) -> dict:
-    """One optimizer step of the registered loss ``cfg.loss`` on the kept positions (Eq. 7)."""
+           vocab_size: int | None = None, temperature: float = 1.0) -> dict:
+    """One optimizer step of the registered loss ``cfg.loss`` on the kept positions (Eq. 7),
+    the student's log-probs at the rollout ``temperature`` (as in :func:`score_batch`)."""
     student.train()
-    logits = response_logits(student, ro, vocab_size)
+    logits = response_logits(student, ro, vocab_size, temperature)
     out = compute_loss(cfg.loss, loss_inputs(logits, ro, scored, cfg), clip_low=cfg.clip_low,
                        clip_high=cfg.clip_high, loss_agg=cfg.loss_agg)
     optimizer.zero_grad(set_to_none=True)

@@ -187,9 +187,11 @@ class CPUTrainer:
         ro = generate(self.student, prompts, max_new_tokens=cfg.max_response_length, eos_id=self.special.eos_ids,
                       pad_id=self.special.pad_id, temperature=cfg.temperature, generator=self.gen)
         t1 = time.perf_counter()
-        scored = score_batch(self.student, self.teacher, ro, cfg.ta, step=self.step, vocab_size=self.vocab_size)
+        scored = score_batch(self.student, self.teacher, ro, cfg.ta, step=self.step, vocab_size=self.vocab_size,
+                             temperature=cfg.temperature)
         t2 = time.perf_counter()
-        m = update(self.student, self.opt, ro, scored, cfg.ta, cfg.grad_clip, vocab_size=self.vocab_size)
+        m = update(self.student, self.opt, ro, scored, cfg.ta, cfg.grad_clip, vocab_size=self.vocab_size,
+                   temperature=cfg.temperature)
         t3 = time.perf_counter()
         valid = ro.response_mask
         texts = self.tok.batch_decode(ro.responses, skip_special_tokens=True)
