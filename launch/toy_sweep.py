@@ -98,6 +98,24 @@ def tabulate(results: list[dict]) -> list[dict]:
     return rows
 
 
+def _claim(out: Path, overrides: list[str]) -> None:
+    """Finished runs in ``out`` are reused, so ``out`` must hold runs of the same settings: the
+    overrides and the default toy pair (its cache key) are recorded in ``out/sweep.json`` and a
+    later sweep into the same folder with different ones is refused."""
+    from ta_opd.toy.build import ToySpec
+
+    meta = {"overrides": list(overrides), "toy_key": ToySpec().key()}
+    f = out / "sweep.json"
+    if f.exists():
+        old = json.loads(f.read_text())
+        if old != meta:
+            raise SystemExit(f"[toy_sweep] error: --out {out} holds runs made with {old}, not {meta}; finished runs "
+                             "are reused, so use another --out (or delete that folder)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(meta, indent=2))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -108,6 +126,7 @@ def main(argv=None) -> None:
     if a.jobs < 1:
         p.error(f"--jobs={a.jobs} is not allowed; it must be >= 1")
     out = Path(a.out).resolve()
+    _claim(out, a.overrides)
     todo = [(s, b, loss, seed) for s, b, loss in GRID for seed in a.seeds]
     t0 = time.time()
 
@@ -126,8 +145,9 @@ def main(argv=None) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    early = rows[0]["early_step"]
-    lines = [f"| selector | ρ | loss | test accuracy before (%) | validation accuracy at step {early} (%) | "
+    steps = {r["early_step"] for r in rows}
+    early = f"step {steps.pop()}" if len(steps) == 1 and None not in steps else "the first evaluation"
+    lines = [f"| selector | ρ | loss | test accuracy before (%) | validation accuracy at {early} (%) | "
              "test accuracy after (%) | held-out KL after | "
              "kept ratio | kept with A < 0 (%) | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['selector']} | {r['budget']} | {r['loss']} | {r['accuracy_before']} | {r['accuracy_early']} | "

@@ -103,17 +103,24 @@ def response_slice(prompt_len: int, response_len: int) -> slice:
 
 
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                    response_len: int, vocab_size: int | None = None) -> torch.Tensor:
+                    response_len: int, vocab_size: int | None = None, temperature: float = 1.0) -> torch.Tensor:
     """(B, R, V) logits scoring each response token of ``[left-padded prompt (P) | response (R)]``
-    rows, sliced to the tokenizer's ``vocab_size`` when given (models may carry logit padding rows)."""
+    rows, sliced to the tokenizer's ``vocab_size`` when given (models may carry logit padding rows),
+    divided by ``temperature`` (> 0): the logits of the distribution sampled at that temperature,
+    as verl's actor scores its rollouts."""
+    if not temperature > 0:
+        raise TAConfigError(f"temperature={temperature} is not allowed for scoring; it must be > 0 (a model's "
+                            "distribution at temperature 0 is not defined)")
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     logits = out.logits[:, response_slice(prompt_len, response_len)]
-    return logits if vocab_size is None else logits[..., :vocab_size]
+    logits = logits if vocab_size is None else logits[..., :vocab_size]
+    return logits if temperature == 1 else logits / temperature
 
 
-def rollout_logits(model, ro: Rollout, vocab_size: int | None = None) -> torch.Tensor:
-    """(B, R, V) response logits of a :class:`Rollout` (see :func:`response_logits`)."""
-    return response_logits(model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.responses.shape[1], vocab_size)
+def rollout_logits(model, ro: Rollout, vocab_size: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """(B, R, V) response logits of a :class:`Rollout` at ``temperature`` (see :func:`response_logits`)."""
+    return response_logits(model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.responses.shape[1], vocab_size,
+                           temperature)
 
 
 def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

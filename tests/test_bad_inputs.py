@@ -69,6 +69,7 @@ CASES: list[tuple[str, list[str]]] = [
     ("grad_clip 0", ["actor_rollout_ref.actor.grad_clip=0"]),
     ("grad_clip NaN", ["actor_rollout_ref.actor.grad_clip=nan"]),
     ("temperature negative", ["actor_rollout_ref.rollout.temperature=-1"]),
+    ("temperature zero (greedy training)", ["actor_rollout_ref.rollout.temperature=0"]),
     ("temperature not a number", ["actor_rollout_ref.rollout.temperature=hot"]),
     ("lr negative", ["actor_rollout_ref.actor.optim.lr=-1"]),
     ("lr 0", ["actor_rollout_ref.actor.optim.lr=0"]),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ta_opd import TAConfig, available_selectors
+from ta_opd.errors import TAConfigError
 from ta_opd.teacher_outputs import teacher_outputs
 from ta_opd.rollout import encode_prompt, generate
 from ta_opd.toy.models import STUDENT_ARCH, build_model
@@ -250,3 +251,17 @@ def test_student_scored_at_rollout_temperature_teacher_at_one():
     torch.testing.assert_close(scored.teacher_logp[valid], want_t[valid], rtol=1e-5, atol=1e-5)
     want_h = -(torch.softmax(s / 0.6, -1) * torch.log_softmax(s / 0.6, -1)).sum(-1)
     torch.testing.assert_close(scored.stats.H[valid], want_h[valid], rtol=1e-4, atol=1e-4)
+    # D and C from the dense formulas on the student at T and the teacher at 1
+    from ta_opd.stats import dense_position_stats
+    dense = dense_position_stats(s / 0.6, t, topk=cfg.topk)
+    torch.testing.assert_close(scored.stats.D[valid], dense.D[valid], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scored.stats.C[valid], dense.C[valid], rtol=1e-4, atol=1e-4)
+    # the update scores at the same temperature: with lr 0 the policy ratio is exactly 1
+    from recipe.ta_opd.cpu.step import update
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    m = update(student, opt, ro, scored, cfg, grad_clip=1.0, temperature=0.6)
+    assert abs(m["ta_opd/loss/ppo_kl"]) < 1e-6
+    m1 = update(student, opt, ro, scored, cfg, grad_clip=1.0, temperature=1.0)
+    assert abs(m1["ta_opd/loss/ppo_kl"]) > 1e-3  # scoring the update at 1 would be off-policy
+    with pytest.raises(TAConfigError, match="temperature=0 is not allowed for scoring"):
+        score_batch(student, teacher, ro, cfg, step=0, temperature=0)

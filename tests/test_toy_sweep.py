@@ -44,3 +44,14 @@ def test_tabulate_groups_by_selector_budget_and_loss():
     assert pg["seeds"] == 2 and pg["accuracy_after"] == "95.0 ± 7.1" and pg["kept_neg_adv"] == "50 ± 0"
     topk = rows[("teachability", "topk_forward_kl")]
     assert topk["accuracy_after"] == "50.0 ± 0.0" and topk["accuracy_early"] == "–" and topk["kept_neg_adv"] == "–"
+
+
+def test_an_output_folder_is_claimed_by_its_settings(tmp_path):
+    sweep._claim(tmp_path, ["actor_rollout_ref.actor.optim.lr=1e-5"])
+    sweep._claim(tmp_path, ["actor_rollout_ref.actor.optim.lr=1e-5"])  # same settings: fine, runs are reused
+    try:
+        sweep._claim(tmp_path, [])
+    except SystemExit as e:
+        assert "holds runs made with" in str(e) and "use another --out" in str(e)
+    else:
+        raise AssertionError("a sweep with other overrides reused the folder")

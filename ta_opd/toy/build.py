@@ -1,6 +1,7 @@
 """Build (once) and cache the toy teacher–student pair and its datasets.
 
-``python -m ta_opd.toy.build [--cache-dir DIR]`` prints the paths. The cache key hashes the
+``python -m ta_opd.toy.build [--cache-dir DIR] [--print-root]`` prints the paths (or only the
+pair's folder). The cache key hashes the
 spec, so a changed spec builds a new pair; a build goes to a temporary folder that is renamed
 into place only when complete. Layout under ``<cache_dir>/<key>/``:
 
@@ -41,7 +42,7 @@ import torch
 
 from ta_opd.toy import task
 from ta_opd.toy.tokenizer import VERSION as TOKENIZER_VERSION
-from ta_opd.toy.models import (STUDENT_ARCH, TEACHER_ARCH, build_model, greedy_accuracy, sft, sft_examples)
+from ta_opd.toy.models import (STUDENT_ARCH, TEACHER_ARCH, build_model, answer_accuracy, sft, sft_examples)
 
 DEFAULT_CACHE = Path(os.environ.get("TA_OPD_CACHE", Path.home() / ".cache" / "ta_opd")) / "toy"
 # The build procedure's version, hashed into the cache key with the spec and BUILD_ENV.
@@ -66,8 +67,8 @@ class ToySpec:
     teacher_r_share: float = 0.2  # and "R=" in 20 % of answers, "A:" otherwise (it can continue "R=")
     student_steps: int = 600
     student_space_share: float = 0.1  # the student mostly writes ";", always "R=" (never "A")
-    # the student's systematic mistake (task.slipped_solution): a carry into a column whose digits
-    # sum to >= 5 is dropped in this share of its SFT solutions, into other columns in slip_other
+    # the student's systematic mistake (task.slipped_solution): each carry into a column whose
+    # digits sum to >= 5 is dropped with this probability in its SFT solutions (slip_other: other columns)
     student_slip: float = 0.6
     student_slip_other: float = 0.05
     batch_size: int = 64
@@ -254,11 +255,11 @@ def _build(out: Path, spec: ToySpec, log) -> dict:
         model.save_pretrained(out / name)
         tok.save_pretrained(out / name)
     msgs, answers = [[{"role": "user", "content": p.prompt}] for p in test], [p.answer for p in test]
-    acc_t = greedy_accuracy(teacher, tok, msgs, answers)
-    acc_s = greedy_accuracy(student, tok, msgs, answers)
+    acc_t = answer_accuracy(teacher, tok, msgs, answers)
+    acc_s = answer_accuracy(student, tok, msgs, answers)
     # one sample per problem at temperature 1 (the rollout temperature): on-policy training learns
     # from these, so a student whose samples are far worse than its greedy answers is a poor toy
-    acc_s_t1 = greedy_accuracy(student, tok, msgs, answers, temperature=1.0, seed=spec.seed)
+    acc_s_t1 = answer_accuracy(student, tok, msgs, answers, temperature=1.0, seed=spec.seed)
     c_report = compatibility_report(student, teacher, tok, train[:64], spec.report_topk, spec.seed)
     log(f"toy pair: held-out greedy accuracy teacher {acc_t:.3f}, student {acc_s:.3f} "
         f"(sampled at temperature 1: {acc_s_t1:.3f}); "
@@ -292,11 +293,16 @@ def compatibility_report(student, teacher, tok, problems, k: int, seed: int) -> 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="build or locate the cached toy teacher-student pair")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--print-root", action="store_true",
+                   help="print only the pair's folder (for scripts: T=$(python -m ta_opd.toy.build --print-root))")
     p.add_argument("--build-into", default=None, help=argparse.SUPPRESS)  # internal: the pinned child
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.build_into is not None:
         _child_main(a.build_into, a.spec)
+        return
+    if a.print_root:
+        print(load_or_build(a.cache_dir, log=lambda m: print(m, file=sys.stderr)).root)
         return
     pair = load_or_build(a.cache_dir)
     print(json.dumps({k: str(v) for k, v in asdict(pair).items() if k != "manifest"}, indent=2))

@@ -1,4 +1,4 @@
-"""Tiny Qwen3 teacher and student built from config, supervised fine-tuning, greedy accuracy."""
+"""Tiny Qwen3 teacher and student built from config, supervised fine-tuning, answer accuracy."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def sft(model, examples: list[SFTExample], *, steps: int, batch_size: int, lr: f
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, prompts: list[list[dict]], answers: list, *, batch_size: int = 256,
+def answer_accuracy(model, tokenizer, prompts: list[list[dict]], answers: list, *, batch_size: int = 256,
                     max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0) -> float:
     """Share of chat prompts whose response has the right final answer: greedy by default, else
     one sample per prompt at ``temperature`` (generator seeded with ``seed``)."""

@@ -104,6 +104,7 @@ def test_single_node_split_six_trainer_gpus(monkeypatch):
     (["algorithm.rollout_correction.bypass_mode=true"], "algorithm.rollout_correction.bypass_mode=true is not supported"),
     (["actor_rollout_ref.actor.pad_to_length=true"], "actor_rollout_ref.actor.pad_to_length=true is not supported"),
     (["ta_opd.teacher.timeout_s=0"], "ta_opd.teacher.timeout_s=0 is not allowed"),
+    (["actor_rollout_ref.rollout.temperature=0"], "actor_rollout_ref.rollout.temperature=0 is not allowed"),
 ])
 def test_what_verls_step_needs_is_refused_at_startup(overrides, message):
     with pytest.raises(TAConfigError, match=re.escape(message)):

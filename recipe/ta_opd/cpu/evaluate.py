@@ -9,6 +9,10 @@ stream and training's sampler is never touched); on those contexts
   down; ``ta_opd.diagnose.scoring.forward_kl``, chunked over positions);
 - ``ta_opd/heldout/kl_sampled``: mean of log p_θ(y_t) − log p_T(y_t) at the sampled tokens, the
   sampled-token estimate of KL(p_θ ‖ p_T) (the quantity PG-OPD's advantage estimates).
+
+p_θ is the student at the rollout temperature (softmax(logits / T), the distribution training
+samples from and matches to the teacher, as in the training step); p_T the teacher at 1. At the
+default T = 1 both are the models' own distributions.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def heldout_kl(student, teacher, prompts: list[list[int]], special: SpecialIds, 
                       pad_id=special.pad_id, temperature=temperature, generator=gen)
         valid = ro.response_mask
         y = ro.responses[valid]  # (N,)
-        s = rollout_logits(student, ro, vocab_size)[valid]  # (N, V)
+        s = rollout_logits(student, ro, vocab_size, temperature)[valid]  # (N, V) at the rollout temperature
         t = rollout_logits(teacher, ro, vocab_size)[valid]  # (N, V)
         kl, _ = forward_kl(t, s, chunk_size=chunk_size)  # (N,) KL(p_T || p_θ), full vocabulary
         kl_sum += float(kl.double().sum())

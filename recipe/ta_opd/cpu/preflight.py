@@ -67,7 +67,8 @@ _RULES = {
     "prompts_per_step": (lambda v: _int(v) and v >= 1, "it must be an integer >= 1 (prompts per step)"),
     "n_samples": (lambda v: _int(v) and v >= 1, "it must be an integer >= 1 (samples per prompt)"),
     "max_response_length": (lambda v: _int(v) and v >= 1, "it must be an integer >= 1 (tokens)"),
-    "temperature": (lambda v: _real(v) and v >= 0, "it must be a finite number >= 0 (0 = greedy)"),
+    "temperature": (lambda v: _real(v) and v > 0, "it must be a finite number > 0 (on-policy training scores its "
+                    "rollouts at this temperature; greedy rollouts would give G identical samples and no distribution)"),
     "total_steps": (lambda v: _int(v) and v >= 1, "it must be an integer >= 1"),
     "lr": (lambda v: _real(v) and v > 0, "the learning rate must be a finite number > 0"),
     "weight_decay": (lambda v: _real(v) and v >= 0, "it must be a finite number >= 0"),

@@ -7,7 +7,7 @@ Temperature, as on verl: the student's distribution everywhere in the step (old 
 statistics, selection, loss) is softmax(logits / T) at the rollout temperature T, the
 distribution the rollouts were sampled from (verl's actor divides its logits by
 ``rollout.temperature`` before log-probs and before our statistics hook); the teacher is scored
-at temperature 1 (verl's teacher path does the same). Greedy rollouts (T = 0) are scored at 1.
+at temperature 1 (verl's teacher path does the same). Training needs T > 0 (refused before step 1).
 
 The update builds the fields of ``ta_opd.losses.LossInputs`` the loss declares it reads
 (``ta_opd.losses.loss_needs``; all it can provide for a loss that declares none) and dispatches
@@ -31,10 +31,9 @@ from ta_opd.teacher_outputs import TeacherOutputs, teacher_outputs
 
 
 def response_logits(model, ro: Rollout, vocab_size: int | None = None, temperature: float = 1.0) -> torch.Tensor:
-    """(B, R, V) logits that score each response token (``ta_opd.rollout.rollout_logits``),
-    divided by ``temperature`` (> 0; 0 = greedy rollouts, scored at 1)."""
-    logits = rollout_logits(model, ro, vocab_size)
-    return logits if temperature in (0, 1) else logits / temperature
+    """(B, R, V) logits that score each response token at ``temperature`` (> 0;
+    ``ta_opd.rollout.rollout_logits``)."""
+    return rollout_logits(model, ro, vocab_size, temperature)
 
 
 @dataclass(frozen=True)

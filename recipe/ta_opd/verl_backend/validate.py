@@ -216,6 +216,11 @@ def check_unsupported_modes(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key, default=False):
             raise TAConfigError(f"{key}=true is not supported: the statistics pass ships the teacher's top-K' "
                                 "fields, and verl's FSDP engine refuses pad_to_length with top-K fields; set it to false")
+    t = OmegaConf.select(cfg, "actor_rollout_ref.rollout.temperature", default=1.0)
+    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0):
+        raise TAConfigError(f"actor_rollout_ref.rollout.temperature={t!r} is not allowed; it must be a number > 0: "
+                            "verl's actor divides the logits by it (clamped at 1e-8) before the old log-probs and "
+                            "the TA statistics, so greedy (0) training would score degenerate distributions")
 
 
 def model_vocab(student_path: str, teacher_path: str, allowed_mismatch_ids=()) -> int:
