@@ -66,12 +66,17 @@ def _steps(p: Problem, slip=None) -> tuple[list[str], int]:
     return steps, answer
 
 
-def solution(p: Problem, sep: str = " ", marker: str = "A:") -> str:
-    """The correct written solution."""
+def _written(p: Problem, sep: str, marker: str, slip=None) -> str:
+    """The steps of :func:`_steps` joined by ``sep``, then ``marker`` and the answer."""
     if sep not in (" ", ";") or marker not in ("A:", "R="):
         raise ValueError(f"sep={sep!r} / marker={marker!r}: allowed separators ' ', ';' and markers 'A:', 'R='")
-    steps, answer = _steps(p)
+    steps, answer = _steps(p, slip)
     return sep.join(steps) + sep + f"{marker}{answer}"
+
+
+def solution(p: Problem, sep: str = " ", marker: str = "A:") -> str:
+    """The correct written solution."""
+    return _written(p, sep, marker)
 
 
 def slipped_solution(p: Problem, rng: random.Random, sep: str = ";", marker: str = "R=", *, slip: float,
@@ -83,10 +88,7 @@ def slipped_solution(p: Problem, rng: random.Random, sep: str = ";", marker: str
     for name, v in (("slip", slip), ("slip_other", slip_other)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name}={v}: a probability in [0, 1] is required")
-    if sep not in (" ", ";") or marker not in ("A:", "R="):
-        raise ValueError(f"sep={sep!r} / marker={marker!r}: allowed separators ' ', ';' and markers 'A:', 'R='")
-    steps, answer = _steps(p, lambda x, y: rng.random() < (slip if x + y >= 5 else slip_other))
-    return sep.join(steps) + sep + f"{marker}{answer}"
+    return _written(p, sep, marker, lambda x, y: rng.random() < (slip if x + y >= 5 else slip_other))
 
 
 def extract_answer(text: str) -> int | None:
