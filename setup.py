@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ta_opd", "ta_opd.*", "recipe", "recipe.*"]),
-    # ta_opd/data/paper_results.csv: the paper's published numbers that python -m ta_opd.results
+    # recipe/ta_opd/reproduce/paper_results.csv: the paper's published numbers that python -m recipe.ta_opd.reproduce.results
     # puts beside ours
     package_data={"recipe.ta_opd": ["config/*.yaml"], "ta_opd": ["data/*.csv"]},
     install_requires=[

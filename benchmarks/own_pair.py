@@ -73,7 +73,7 @@ def build_pair(out: Path, *, vocab_size: int = 512, arch: dict = TINY_ARCH, teac
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     from ta_opd.rollout import encode_prompt
-    from ta_opd.toy.models import SFTExample, sft
+    from ta_opd.tools.toy.models import SFTExample, sft
 
     rng = random.Random(seed)
     probs = [problem(rng) for _ in range(n_train + n_val)]

@@ -30,8 +30,8 @@ def build(out: Path, n_train: int = 512, n_val: int = 64, seed: int = 0) -> dict
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from ta_opd.toy import task
-    from ta_opd.toy.tokenizer import build_tokenizer
+    from ta_opd.tools.toy import task
+    from ta_opd.tools.toy.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     assert len(tok) == LOGIT_ROWS["student"], f"toy tokenizer has {len(tok)} tokens, the smoke student {LOGIT_ROWS}"

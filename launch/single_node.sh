@@ -4,7 +4,7 @@
 #   bash launch/single_node.sh [extra Hydra overrides]
 #
 # Variables (environment):
-#   EXPERIMENT     configs/experiment/<name>.yaml                      [qwen3_4b_to_qwen3_1p7b]
+#   EXPERIMENT     recipe/ta_opd/config/experiment/<name>.yaml                      [qwen3_4b_to_qwen3_1p7b]
 #   NODE_GPUS      GPUs of the node used by the run (the allocation)   [8]
 #   TEACHER_GPUS   of those, GPUs for the teacher pool                 [2]
 #   PYTHON         interpreter with ta-opd[gpu] installed              [python]

@@ -8,7 +8,7 @@
 Table 3: the four settings × {Full OPD, and random, entropy, TIP, TA-OPD, TA-OPD+Ent. at ρ = 10 %};
 Table 4: the two Qwen3-4B student settings × {entropy, TIP, TA-OPD, TA-OPD+Ent.} × ρ ∈ {5, 10, 30, 50} %
 (the 10 % runs are Table 3's). 48 runs in all. Each run sets ``trainer.experiment_name`` to the name
-``python -m ta_opd.results`` parses (``<setting>__<method>__rho<budget>``, ``<setting>__full``), so
+``python -m recipe.ta_opd.reproduce.results`` parses (``<setting>__<method>__rho<budget>``, ``<setting>__full``), so
 its checkpoints land in ``$CKPT_DIR/ta_opd/<run name>/`` (paper_base.yaml's default_local_dir) and the
 evaluation and aggregation find the cell from the folder name. The Base rows need no training:
 evaluate the student model itself under ``<setting>__base`` (see docs/reproduce.md).
@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ta_opd.results import (SETTINGS, TABLE3_BUDGET, TABLE4_BUDGETS, TABLE4_METHODS,  # noqa: E402
+from recipe.ta_opd.reproduce.results import (SETTINGS, TABLE3_BUDGET, TABLE4_BUDGETS, TABLE4_METHODS,  # noqa: E402
                             TABLE4_SETTINGS, run_name)
 
 TABLE3_METHODS = ("full", "random", "entropy", "tip", "teachability", "teachability_entropy")

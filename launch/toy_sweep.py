@@ -102,7 +102,7 @@ def _claim(out: Path, overrides: list[str]) -> None:
     """Finished runs in ``out`` are reused, so ``out`` must hold runs of the same settings: the
     overrides and the default toy pair (its cache key) are recorded in ``out/sweep.json`` and a
     later sweep into the same folder with different ones is refused."""
-    from ta_opd.toy.build import ToySpec
+    from ta_opd.tools.toy.build import ToySpec
 
     meta = {"overrides": list(overrides), "toy_key": ToySpec().key()}
     f = out / "sweep.json"

@@ -1,7 +1,12 @@
 """TA-OPD core: teachability statistics, normalization, selectors, budget, losses, metrics.
 
-Pure torch/numpy; never imports verl, Ray or vLLM. The numerical contract is
-``docs/spec.md``; equation numbers refer to arXiv 2605.26844.
+The core is every module directly in this package (statistics, normalization, selectors, budget,
+selection, losses, metrics, forward KL, teacher outputs, vocabulary, rollout alignment): it imports
+torch and numpy only (``rollout``/``vocab`` take Hugging Face objects as arguments) and never
+verl, Ray, vLLM, pandas or matplotlib (``tests/test_layering.py``). ``ta_opd.tools`` sits beside
+it and may import it, never the other way round: the fixed-context diagnostic, the toy task and
+pair, the selector demo. The numerical contract is ``docs/spec.md``; equation numbers refer to
+arXiv 2605.26844.
 """
 
 from ta_opd.budget import BudgetResult, budget_count, select_budget

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import os
 import traceback
 from pathlib import Path
 
@@ -22,13 +21,8 @@ def base_config():
     if "cfg" not in _BASE:
         from hydra import compose, initialize_config_dir
 
-        cwd = os.getcwd()
-        os.chdir(ROOT)  # the recipe's searchpath has file://configs, relative to the repository
-        try:
-            with initialize_config_dir(config_dir=str(ROOT / "recipe/ta_opd/config"), version_base=None):
-                _BASE["cfg"] = compose("ta_opd_trainer")
-        finally:
-            os.chdir(cwd)
+        with initialize_config_dir(config_dir=str(ROOT / "recipe/ta_opd/config"), version_base=None):
+            _BASE["cfg"] = compose("ta_opd_trainer")
     return _BASE["cfg"]
 
 

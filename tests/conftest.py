@@ -7,7 +7,7 @@ TINY = dict(n_train=200, n_val=16, n_test=16, teacher_steps=30, student_steps=10
 
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
-    from ta_opd.toy.build import ToySpec, load_or_build
+    from ta_opd.tools.toy.build import ToySpec, load_or_build
 
     cache = tmp_path_factory.mktemp("toy_cache")
     return cache, load_or_build(cache, ToySpec(**TINY), log=lambda *_: None)

@@ -326,7 +326,7 @@ def test_select_positions_rejects_mismatched_statistic_shapes(field):
                                         ("--seed", "-1"), ("--winsorize", "0.5")])
 def test_diagnose_rejects_out_of_range_flags(flag, value, tmp_path, capsys):
     """Before: --n-boot 0 and --max-tokens 0 ended in tracebacks after the models were loaded."""
-    from ta_opd.diagnose.__main__ import cli
+    from ta_opd.tools.diagnose.__main__ import cli
 
     missing = str(tmp_path / "missing")  # the flag check must come before any model is opened
     rc = cli(["--theta0", missing, "--theta-tau", missing, "--teacher", missing, "--bank", missing,

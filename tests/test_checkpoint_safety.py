@@ -204,7 +204,7 @@ def test_killed_toy_build_folder_is_removed_on_the_next_build(tmp_path):
     import socket
     import subprocess
 
-    from ta_opd.toy.build import clean_stale_builds
+    from ta_opd.tools.toy.build import clean_stale_builds
 
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that no longer exists

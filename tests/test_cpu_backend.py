@@ -14,8 +14,8 @@ from ta_opd import TAConfig, available_selectors
 from ta_opd.errors import TAConfigError
 from ta_opd.teacher_outputs import teacher_outputs
 from ta_opd.rollout import encode_prompt, generate
-from ta_opd.toy.models import STUDENT_ARCH, build_model
-from ta_opd.toy.tokenizer import build_tokenizer
+from ta_opd.tools.toy.models import STUDENT_ARCH, build_model
+from ta_opd.tools.toy.tokenizer import build_tokenizer
 
 from tests.conftest import TINY
 

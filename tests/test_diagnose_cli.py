@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ta_opd.diagnose import bank
-from ta_opd.diagnose.__main__ import cli
-from ta_opd.diagnose.scoring import score_bank
+from ta_opd.tools.diagnose import bank
+from ta_opd.tools.diagnose.__main__ import cli
+from ta_opd.tools.diagnose.scoring import score_bank
 from tests.test_cpu_backend import run_config
 
 
@@ -78,8 +78,8 @@ def test_bad_inputs(trained, tmp_path, capsys):
     s0 = AutoModelForCausalLM.from_pretrained(pair.student)
     with pytest.raises(ValueError, match="different vocabularies"):
         score_bank(big, s0, s0, s0, ks=(4,))
-    from ta_opd.toy.models import STUDENT_ARCH, build_model
-    from ta_opd.toy.tokenizer import build_tokenizer
+    from ta_opd.tools.toy.models import STUDENT_ARCH, build_model
+    from ta_opd.tools.toy.tokenizer import build_tokenizer
 
     other = build_model(build_tokenizer(), STUDENT_ARCH, 0)
     other.resize_token_embeddings(500)

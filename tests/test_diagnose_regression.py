@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ta_opd.diagnose.regression import cluster_bootstrap, cluster_bootstrap_mean_diff, ols, standardize, winsorize
+from ta_opd.tools.diagnose.regression import cluster_bootstrap, cluster_bootstrap_mean_diff, ols, standardize, winsorize
 
 
 def _data(n_prompts=60, per=20, seed=0, beta=(0.3, -0.2, 0.0), cluster_sd=0.5, x_cluster_sd=0.0):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ta_opd.diagnose.scoring import forward_kl, score_positions
+from ta_opd.kl import forward_kl
+from ta_opd.tools.diagnose.scoring import score_positions
 
 
 def test_forward_kl_and_gain_match_direct():

@@ -333,8 +333,8 @@ def cpu_step_case():
     from recipe.ta_opd.cpu.step import score_batch
     from ta_opd import TAConfig
     from ta_opd.rollout import encode_prompt, generate
-    from ta_opd.toy.models import STUDENT_ARCH, build_model
-    from ta_opd.toy.tokenizer import build_tokenizer
+    from ta_opd.tools.toy.models import STUDENT_ARCH, build_model
+    from ta_opd.tools.toy.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     student, teacher = build_model(tok, STUDENT_ARCH, seed=3), build_model(tok, STUDENT_ARCH, seed=4)

@@ -122,7 +122,7 @@ def test_generate_stops_at_any_eos_id():
 
 def test_grading_by_data_source_reports_unscorable_once(tmp_path):
     from recipe.ta_opd.grading import Grader, resolve_score_fn
-    from ta_opd.toy.task import DATA_SOURCE
+    from ta_opd.tools.toy.task import DATA_SOURCE
 
     logs = []
     g = Grader(log=logs.append)
@@ -213,7 +213,7 @@ def test_a_newly_registered_loss_runs_on_cpu_and_is_refused_clearly_by_verl(tiny
 def test_diagnostic_compares_tokenizers_not_only_logit_widths(tiny_pair, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ta_opd.diagnose.__main__ import check_tokenizers
+    from ta_opd.tools.diagnose.__main__ import check_tokenizers
 
     _, pair = tiny_pair
     tok = AutoTokenizer.from_pretrained(pair.student)

@@ -219,7 +219,7 @@ def kill_campaign(cache: str, out: str, random_kills: int, seed: int) -> dict:
     the same run uninterrupted. Returns the evidence as JSON-able numbers."""
     from recipe.ta_opd.cpu import checkpoint
     from recipe.ta_opd.cpu.trainer import CPUTrainer
-    from ta_opd.toy.build import ToySpec, load_or_build
+    from ta_opd.tools.toy.build import ToySpec, load_or_build
 
     torch.set_num_threads(1)
     pair = load_or_build(cache, ToySpec(**TINY), log=lambda *_: None)

@@ -1,11 +1,11 @@
-"""Training-data preparation (recipe.ta_opd.data) on a small local fixture in DAPO-Math-17k's schema."""
+"""Training-data preparation (recipe.ta_opd.reproduce.data) on a small local fixture in DAPO-Math-17k's schema."""
 
 import json
 
 import pandas as pd
 import pytest
 
-from recipe.ta_opd import data as D
+from recipe.ta_opd.reproduce import data as D
 from ta_opd.errors import TAConfigError, TAInputError
 
 WRAP = ("Solve the following math problem step by step. The last line of your response should be of the form "

@@ -1,4 +1,4 @@
-"""The evaluation command (recipe.ta_opd.evaluate) on CPU: a real verl FSDP checkpoint merged by verl's
+"""The evaluation command (recipe.ta_opd.reproduce.evaluate) on CPU: a real verl FSDP checkpoint merged by verl's
 own merger, the toy pair's trained checkpoints on the toy task (hf backend), then the aggregation.
 
 EvalScope is not exercised here: it cannot share this virtualenv (it pins antlr4-python3-runtime 4.13,
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from recipe.ta_opd import evaluate as E
-from ta_opd import results as R
+from recipe.ta_opd.reproduce import results as R
 from ta_opd.errors import TAConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ FSDP_WRITER = textwrap.dedent("""
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM, Qwen3Config
     from verl.utils.checkpoint.fsdp_checkpoint_manager import FSDPCheckpointManager
-    from ta_opd.toy.tokenizer import build_tokenizer
+    from ta_opd.tools.toy.tokenizer import build_tokenizer
     tok = build_tokenizer()
     cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
@@ -176,7 +176,7 @@ def test_evalscope_task_arguments():
     assert t["dataset"] == "math_500" and t["seed"] == 3 and t["model"] == "s__tip__rho0.10"
     assert t["generation"] == {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8192, "seed": 3, "n": 1}
     # the driver imports only the standard library at module level (it runs in the EvalScope venv)
-    src = (ROOT / "recipe/ta_opd/evalscope_driver.py").read_text()
+    src = (ROOT / "recipe/ta_opd/reproduce/evalscope_driver.py").read_text()
     top = [ln for ln in src.splitlines() if ln.startswith(("import ", "from "))]
     assert all(ln.split()[1] in ("__future__", "glob", "json", "os", "sys") for ln in top), top
 

@@ -1,4 +1,4 @@
-"""Table 3 / Table 4 aggregation (ta_opd.results) on a fixture of result files with a hand-computed table."""
+"""Table 3 / Table 4 aggregation (recipe.ta_opd.reproduce.results) on a fixture of result files with a hand-computed table."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from ta_opd import results as R
+from recipe.ta_opd.reproduce import results as R
 from ta_opd.errors import TAConfigError, TAInputError
 
 S1 = "qwen3_4b_to_qwen3_1p7b"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ta_opd import results as R
+from recipe.ta_opd.reproduce import results as R
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("sweep_paper", ROOT / "launch/sweep_paper.py")

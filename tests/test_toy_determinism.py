@@ -19,7 +19,7 @@ import hashlib, json, sys
 import torch
 torch.set_num_threads(int(sys.argv[2]))
 from safetensors.torch import load_file
-from ta_opd.toy.build import ToySpec, load_or_build
+from ta_opd.tools.toy.build import ToySpec, load_or_build
 pair = load_or_build(sys.argv[1], ToySpec(**json.loads(sys.argv[3])), log=lambda *_: None)
 digest = {}
 for name in ("teacher", "student"):
@@ -62,7 +62,7 @@ def test_same_spec_builds_the_same_pair_under_two_thread_settings(tmp_path):
 
 
 def test_cache_key_covers_the_build_recipe(monkeypatch):
-    from ta_opd.toy import build
+    from ta_opd.tools.toy import build
 
     spec = build.ToySpec(**TINY)
     key = spec.key()
@@ -75,7 +75,7 @@ def test_cache_key_covers_the_build_recipe(monkeypatch):
 def test_deterministic_build_restores_the_callers_settings():
     import torch
 
-    from ta_opd.toy.build import deterministic_build
+    from ta_opd.tools.toy.build import deterministic_build
 
     before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     with deterministic_build(threads=1):

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from ta_opd.toy import task
+from ta_opd.tools.toy import task
 
 
 def test_solution_is_correct_and_checked():

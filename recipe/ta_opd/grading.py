@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from ta_opd.toy.task import DATA_SOURCE as TOY_DATA_SOURCE
-from ta_opd.toy.task import is_correct as toy_is_correct
+from ta_opd.tools.toy.task import DATA_SOURCE as TOY_DATA_SOURCE
+from ta_opd.tools.toy.task import is_correct as toy_is_correct
 
 ScoreFn = Callable[..., object]
 

@@ -106,7 +106,7 @@ def run_cpu(cfg: DictConfig, ta: TAConfig) -> dict:
     pair_label = "the CPU toy" if student is None and teacher is None else None
     train, val, test = cfg.data.train_files, cfg.data.val_files, None
     if student is None and teacher is None:
-        from ta_opd.toy.build import load_or_build
+        from ta_opd.tools.toy.build import load_or_build
 
         spec = preflight.toy_spec(cfg)
         preflight.check_toy_cache(cfg.ta_opd.toy.cache_dir, spec)
@@ -171,7 +171,7 @@ def _local_data_files(files, key: str):
             path = Path(os.path.expanduser(f))
             if not path.exists():
                 raise TAConfigError(f"{key}={f!r} does not exist (resolved against {Path.cwd()}); give a verl RL "
-                                    "parquet file (python -m recipe.ta_opd.data writes them)")
+                                    "parquet file (python -m recipe.ta_opd.reproduce.data writes them)")
             f = str(path.resolve())
         out.append(f)
     return out if many else out[0]

@@ -17,7 +17,7 @@ from ta_opd.errors import TAConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE_DIR = str(ROOT / "recipe" / "ta_opd" / "config")
-CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml") if p.stem != "paper_base")
+CONFIGS = sorted(p.stem for p in (ROOT / "recipe" / "ta_opd" / "config" / "experiment").glob("*.yaml") if p.stem != "paper_base")
 QWEN_V = 151936
 
 
@@ -48,7 +48,6 @@ def test_shipped_config_composes_validates_and_takes_overrides(name, monkeypatch
     monkeypatch.setenv("VAL_FILES", "/data/val.parquet")
     monkeypatch.setenv("TEACHER_MODEL", "/models/teacher")
     monkeypatch.setenv("STUDENT_MODEL", "/models/student")
-    monkeypatch.chdir(ROOT)  # the recipe config finds configs/ relative to the working directory
     cfg = compose_from(RECIPE_DIR, "ta_opd_trainer", f"+experiment={name}", "ta_opd.budget=0.05", "ta_opd.topk=8")
     ta = ta_config(cfg.ta_opd)
     assert (ta.budget, ta.topk, ta.teacher_topk) == (0.05, 8, 64)
@@ -102,7 +101,7 @@ def test_k_must_be_below_the_shared_vocabulary():
 def _model_dir(path: Path, logit_rows: int, rename: dict[str, str] | None = None) -> str:
     from transformers import Qwen3Config
 
-    from ta_opd.toy.tokenizer import build_tokenizer
+    from ta_opd.tools.toy.tokenizer import build_tokenizer
 
     build_tokenizer().save_pretrained(path)
     if rename:  # edit the saved vocabulary: the same id now maps to another token string

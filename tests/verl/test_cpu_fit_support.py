@@ -12,7 +12,7 @@ from tests.verl.helpers import tiny_qwen3
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from ta_opd.toy.tokenizer import build_tokenizer
+    from ta_opd.tools.toy.tokenizer import build_tokenizer
 
     path = tmp_path_factory.mktemp("rollout_model")
     tiny_qwen3(path, seed=3)

@@ -117,7 +117,7 @@ def test_hooks_run_the_step_and_restore_the_mask(models):
 
 def test_rollouts_are_written_as_a_context_bank(models, tmp_path):
     from recipe.ta_opd.verl_backend.bank import bank_records
-    from ta_opd.diagnose import bank
+    from ta_opd.tools.diagnose import bank
 
     trainer, _ = make_trainer(models)
     raw = rollout_batch(B=4, P=5, R=7, seed=5)

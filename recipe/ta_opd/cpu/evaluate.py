@@ -6,7 +6,7 @@ generator seeded by the run seed afresh at every evaluation, so before/after see
 stream and training's sampler is never touched); on those contexts
 
 - ``ta_opd/heldout/kl``: mean per-token KL(p_T ‖ p_θ) over the full vocabulary (what OPD drives
-  down; ``ta_opd.diagnose.scoring.forward_kl``, chunked over positions);
+  down; ``ta_opd.kl.forward_kl``, chunked over positions);
 - ``ta_opd/heldout/kl_sampled``: mean of log p_θ(y_t) − log p_T(y_t) at the sampled tokens, the
   sampled-token estimate of KL(p_θ ‖ p_T) (the quantity PG-OPD's advantage estimates).
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ta_opd.diagnose.scoring import forward_kl
+from ta_opd.kl import forward_kl
 from ta_opd.rollout import SpecialIds, generate, rollout_logits, token_logp
 
 

@@ -283,7 +283,7 @@ def toy_spec(cfg):
     """``ta_opd.toy.spec`` as a ToySpec: unknown keys and wrongly typed values are errors."""
     from dataclasses import fields
 
-    from ta_opd.toy.build import ToySpec
+    from ta_opd.tools.toy.build import ToySpec
 
     given = _raw(cfg, "ta_opd.toy.spec") or {}
     if not isinstance(given, dict):
@@ -304,7 +304,7 @@ def toy_spec(cfg):
 
 def check_toy_cache(cache_dir, spec) -> None:
     """Building the toy pair needs a writable cache; an already built pair only needs reading."""
-    from ta_opd.toy.build import DEFAULT_CACHE
+    from ta_opd.tools.toy.build import DEFAULT_CACHE
 
     root = Path(cache_dir or DEFAULT_CACHE).expanduser()
     if not (root / spec.key() / "manifest.json").exists():

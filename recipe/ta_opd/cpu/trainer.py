@@ -24,7 +24,7 @@ from recipe.ta_opd.cpu.evaluate import greedy_texts, heldout_kl
 from recipe.ta_opd.cpu.step import score_batch, update
 from recipe.ta_opd.grading import Grader
 from ta_opd.config import TAConfig
-from ta_opd.diagnose import bank
+from ta_opd.tools.diagnose import bank
 from ta_opd.errors import TAConfigError
 from ta_opd.metrics import kept_advantage_metrics
 from ta_opd.rollout import encode_prompt, generate, special_ids
@@ -211,15 +211,13 @@ class CPUTrainer:
         return m
 
     def write_rollouts(self, rows, prompts, ro, texts, old_logp) -> None:
-        """This step's rollouts as a context bank (ta_opd/diagnose/bank.py schema), one parquet per step."""
+        """This step's rollouts as a context bank (ta_opd/tools/diagnose/bank.py schema), one parquet per step."""
         recs = []
         for j, p in enumerate(prompts):
             r = rows[j // self.cfg.n_samples]
             n = int(ro.response_mask[j].sum())
-            recs.append({"prompt_id": bank.prompt_key(r, j // self.cfg.n_samples), "prompt_ids": p,
-                         "prompt_len": len(p), "response_ids": ro.responses[j, :n].tolist(), "response": texts[j],
-                         "label": bank.ground_truth(r), "sampled_logp": old_logp[j, :n].tolist(),
-                         "step": self.step + 1})
+            recs.append(bank.record(r, j // self.cfg.n_samples, p, ro.responses[j, :n].tolist(), texts[j],
+                                    old_logp[j, :n].tolist(), self.step + 1))
         bank.write_step(self.cfg.rollout_dir, self.step + 1, recs)
 
     def fit(self) -> dict:

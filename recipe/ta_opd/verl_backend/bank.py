@@ -1,5 +1,5 @@
-"""The verl backend's rollouts as a context bank for ``python -m ta_opd.diagnose`` (schema in
-``ta_opd/diagnose/bank.py``), written per step next to verl's own JSONL dump when
+"""The verl backend's rollouts as a context bank for ``python -m ta_opd.tools.diagnose`` (schema in
+``ta_opd/tools/diagnose/bank.py``), written per step next to verl's own JSONL dump when
 ``trainer.rollout_data_dir`` is set — the same files the CPU backend writes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Callable
 
 from verl import DataProto
 
-from ta_opd.diagnose import bank
+from ta_opd.tools.diagnose import bank
 
 
 def bank_records(batch: DataProto, decode: Callable[[list[int]], str], step: int) -> list[dict]:
@@ -24,7 +24,6 @@ def bank_records(batch: DataProto, decode: Callable[[list[int]], str], step: int
         prompt_ids = b["prompts"][j][prompt_mask[j]].tolist()
         n = int(valid[j].sum())
         response_ids = b["responses"][j, :n].tolist()
-        recs.append({"prompt_id": bank.prompt_key(row, j), "prompt_ids": prompt_ids, "prompt_len": len(prompt_ids),
-                     "response_ids": response_ids, "response": decode(response_ids), "label": bank.ground_truth(row),
-                     "sampled_logp": b["old_log_probs"][j, :n].float().tolist(), "step": step})
+        recs.append(bank.record(row, j, prompt_ids, response_ids, decode(response_ids),
+                                b["old_log_probs"][j, :n].float().tolist(), step))
     return recs

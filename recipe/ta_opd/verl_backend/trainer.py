@@ -135,7 +135,7 @@ class TAOPDRayTrainer(RayPPOTrainer):
                           rollout_data_dir: str):
         """verl's JSONL dump, plus this step's rollouts as a context bank for the diagnostic."""
         from recipe.ta_opd.verl_backend.bank import bank_records
-        from ta_opd.diagnose.bank import write_step
+        from ta_opd.tools.diagnose.bank import write_step
 
         super()._log_rollout_data(batch, reward_extra_infos_dict, timing_raw, rollout_data_dir)
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731

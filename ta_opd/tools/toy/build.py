@@ -1,12 +1,12 @@
 """Build (once) and cache the toy teacher–student pair and its datasets.
 
-``python -m ta_opd.toy.build [--cache-dir DIR] [--print-root]`` prints the paths (or only the
+``python -m ta_opd.tools.toy.build [--cache-dir DIR] [--print-root]`` prints the paths (or only the
 pair's folder). The cache key hashes the
 spec, so a changed spec builds a new pair; a build goes to a temporary folder that is renamed
 into place only when complete. Layout under ``<cache_dir>/<key>/``:
 
     teacher/, student/     Hugging Face model folders (config, weights, tokenizer): load by path
-    data/{train,val,test}.parquet   verl's dataset layout (see ta_opd.toy.task.to_rows)
+    data/{train,val,test}.parquet   verl's dataset layout (see ta_opd.tools.toy.task.to_rows)
     manifest.json          spec, accuracies, the student's C distribution, build timings,
                            and the build environment (torch version, threads, CPU capability)
 
@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
-from ta_opd.toy import task
-from ta_opd.toy.tokenizer import VERSION as TOKENIZER_VERSION
-from ta_opd.toy.models import (STUDENT_ARCH, TEACHER_ARCH, build_model, answer_accuracy, sft, sft_examples)
+from ta_opd.tools.toy import task
+from ta_opd.tools.toy.tokenizer import VERSION as TOKENIZER_VERSION
+from ta_opd.tools.toy.models import (STUDENT_ARCH, TEACHER_ARCH, build_model, answer_accuracy, sft, sft_examples)
 
 DEFAULT_CACHE = Path(os.environ.get("TA_OPD_CACHE", Path.home() / ".cache" / "ta_opd")) / "toy"
 # The build procedure's version, hashed into the cache key with the spec and BUILD_ENV.
@@ -127,7 +127,7 @@ def _build_in_child(out: Path, spec: ToySpec, log) -> None:
     pkg_root = str(Path(__file__).resolve().parents[2])  # so the child imports this same ta_opd
     env = {**os.environ, **BUILD_ENV,
            "PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "ta_opd.toy.build", "--build-into", str(out), "--spec", json.dumps(asdict(spec))]
+    cmd = [sys.executable, "-m", "ta_opd.tools.toy.build", "--build-into", str(out), "--spec", json.dumps(asdict(spec))]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -222,7 +222,7 @@ def _student_render(rng: random.Random, slips: random.Random, spec: ToySpec):
 def _build(out: Path, spec: ToySpec, log) -> dict:
     import pandas as pd
 
-    from ta_opd.toy.tokenizer import build_tokenizer
+    from ta_opd.tools.toy.tokenizer import build_tokenizer
 
     t0 = time.time()
     torch.manual_seed(spec.seed)
@@ -294,7 +294,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="build or locate the cached toy teacher-student pair")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--print-root", action="store_true",
-                   help="print only the pair's folder (for scripts: T=$(python -m ta_opd.toy.build --print-root))")
+                   help="print only the pair's folder (for scripts: T=$(python -m ta_opd.tools.toy.build --print-root))")
     p.add_argument("--build-into", default=None, help=argparse.SUPPRESS)  # internal: the pinned child
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""``python -m ta_opd.demo``: what each selector keeps on synthetic teacher/student distributions.
+"""``python -m ta_opd.tools.demo``: what each selector keeps on synthetic teacher/student distributions.
 
 Builds a batch whose positions come from four planted kinds, computes the exact statistics
 (dense path), and prints, per selector at budget rho, the share of kept positions of each kind

@@ -1,11 +1,11 @@
-"""Benchmark evaluation of trained students: ``python -m recipe.ta_opd.evaluate TARGET ... --out DIR``.
+"""Benchmark evaluation of trained students: ``python -m recipe.ta_opd.reproduce.evaluate TARGET ... --out DIR``.
 
     # GPU (the paper's protocol): EvalScope over a vLLM server, six benchmarks, five seeds
-    python -m recipe.ta_opd.evaluate $CKPT_DIR/ta_opd --out eval/ --evalscope-python .venv-eval/bin/python
+    python -m recipe.ta_opd.reproduce.evaluate $CKPT_DIR/ta_opd --out eval/ --evalscope-python .venv-eval/bin/python
     # the untrained student as the Base row of a setting
-    python -m recipe.ta_opd.evaluate Qwen/Qwen3-1.7B --hub --name qwen3_4b_to_qwen3_1p7b__base --out eval/ ...
+    python -m recipe.ta_opd.reproduce.evaluate Qwen/Qwen3-1.7B --hub --name qwen3_4b_to_qwen3_1p7b__base --out eval/ ...
     # CPU: the toy pair's checkpoints on its held-out task, Hugging Face generate
-    python -m recipe.ta_opd.evaluate runs/toy_sweep --backend hf --benchmarks toy_addition \\
+    python -m recipe.ta_opd.reproduce.evaluate runs/toy_sweep --backend hf --benchmarks toy_addition \\
         --dataset-file toy_addition=$TOY/data/test.parquet --max-tokens 40 --out eval/
 
 TARGET is a checkpoint or a folder of runs:
@@ -21,7 +21,7 @@ TARGET is a checkpoint or a folder of runs:
 For every (run, benchmark, seed) it writes ``OUT/<run>/<benchmark>/seed<k>.json``: one record with
 the score (%), the samples, the final-answer extraction rate, the checkpoint and step, the harness
 and the generation settings (temperature, top-p, max tokens, seed; chat template on). Existing
-records are kept (the command resumes) unless ``--overwrite``. ``python -m ta_opd.results OUT``
+records are kept (the command resumes) unless ``--overwrite``. ``python -m recipe.ta_opd.reproduce.results OUT``
 aggregates them.
 
 Prompts go through the student's chat template (vLLM's chat endpoint / ``apply_chat_template``; a
@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ta_opd.errors import TAConfigError, TAInputError
-from ta_opd.results import (KNOWN_BENCHMARKS, PAPER_BENCHMARKS, SCHEMA, TOY_BENCHMARK, check_benchmarks,
+from recipe.ta_opd.reproduce.results import (KNOWN_BENCHMARKS, PAPER_BENCHMARKS, SCHEMA, TOY_BENCHMARK, check_benchmarks,
                             parse_run_name)
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -195,7 +195,7 @@ def extract(fmt: str | None, text: str):
         m = _CHOICE.findall(text)
         return m[-1] if m else None
     if fmt == "toy":
-        from ta_opd.toy.task import extract_answer
+        from ta_opd.tools.toy.task import extract_answer
 
         return extract_answer(text)
     return None
@@ -218,7 +218,7 @@ def sanity_check(run: str, bench: str, seed: int, rate: float | None, threshold:
 
 def grade(bench: str, text: str, truth) -> float:
     if bench == TOY_BENCHMARK:
-        from ta_opd.toy.task import is_correct
+        from ta_opd.tools.toy.task import is_correct
 
         return float(is_correct(text, truth))
     from verl.utils.reward_score import default_compute_score
@@ -386,7 +386,7 @@ def evaluate(a) -> list[Path]:
         try:
             parse_run_name(t.run)
         except (TAInputError, TAConfigError) as e:
-            print(f"[ta-opd] warning: {e}; python -m ta_opd.results will refuse its records (rename the run folder "
+            print(f"[ta-opd] warning: {e}; python -m recipe.ta_opd.reproduce.results will refuse its records (rename the run folder "
                   "or pass --name)", file=sys.stderr)
     written = []
     for t in targets:
@@ -471,7 +471,7 @@ def main(argv=None) -> int:
     except (TAConfigError, TAInputError, FileNotFoundError) as e:
         print(f"[ta-opd] error: {e}", file=sys.stderr)
         return 2
-    print(f"[ta-opd] evaluate: wrote {len(written)} record(s) under {a.out}; aggregate with python -m ta_opd.results {a.out}")
+    print(f"[ta-opd] evaluate: wrote {len(written)} record(s) under {a.out}; aggregate with python -m recipe.ta_opd.reproduce.results {a.out}")
     return 0
 
 

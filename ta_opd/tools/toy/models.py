@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ta_opd.rollout import encode_prompt, generate, left_pad, position_ids
-from ta_opd.toy.task import Problem, is_correct
+from ta_opd.tools.toy.task import Problem, is_correct
 
 # teacher larger than student (~0.35M vs ~0.12M parameters)
 TEACHER_ARCH = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,

@@ -1,5 +1,5 @@
 """Runs ONE EvalScope evaluation and prints its outcome as JSON. Executed by
-``python -m recipe.ta_opd.evaluate --backend evalscope`` with the interpreter of the EvalScope
+``python -m recipe.ta_opd.reproduce.evaluate --backend evalscope`` with the interpreter of the EvalScope
 environment (``--evalscope-python``): EvalScope pins antlr4-python3-runtime 4.13 (via math-verify),
 which breaks Hydra/omegaconf (4.9) and so verl, so it lives in its own virtualenv. This file
 imports only the standard library and evalscope.

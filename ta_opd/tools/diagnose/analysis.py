@@ -14,7 +14,7 @@ import torch
 
 from ta_opd.budget import select_budget
 from ta_opd.config import TAConfig
-from ta_opd.diagnose.regression import cluster_bootstrap, cluster_bootstrap_mean_diff, winsorize
+from ta_opd.tools.diagnose.regression import cluster_bootstrap, cluster_bootstrap_mean_diff, winsorize
 from ta_opd.select import normalize_batch
 from ta_opd.selectors import ScoreInputs, get_selector
 

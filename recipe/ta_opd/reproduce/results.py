@@ -1,8 +1,8 @@
-"""The paper's Table 3 / Table 4 from benchmark result files: ``python -m ta_opd.results DIR``.
+"""The paper's Table 3 / Table 4 from benchmark result files: ``python -m recipe.ta_opd.reproduce.results DIR``.
 
-    python -m ta_opd.results EVAL_DIR [--out DIR] [--benchmarks aime24 ...] [--seeds 5]
+    python -m recipe.ta_opd.reproduce.results EVAL_DIR [--out DIR] [--benchmarks aime24 ...] [--seeds 5]
 
-Reads every result record written by ``python -m recipe.ta_opd.evaluate`` under EVAL_DIR (one
+Reads every result record written by ``python -m recipe.ta_opd.reproduce.evaluate`` under EVAL_DIR (one
 JSON file per (run, benchmark, seed), schema ``ta_opd.eval/v1``) and writes to ``--out``
 (default ``EVAL_DIR/aggregate``):
 
@@ -13,7 +13,7 @@ JSON file per (run, benchmark, seed), schema ``ta_opd.eval/v1``) and writes to `
 - ``budget_curve.png``: Avg. vs ρ per selector, one panel per Table-4 setting;
 - ``results_long.csv``: every record, tidy.
 
-The paper's published numbers (``ta_opd/data/paper_results.csv``) stand in a "paper Avg." column
+The paper's published numbers (``recipe/ta_opd/reproduce/paper_results.csv``) stand in a "paper Avg." column
 where the setting, method and budget match. A cell without results is shown as missing ("—" in
 markdown, empty in CSV), never as 0; Avg. is missing unless every benchmark has a mean.
 std is the sample standard deviation (ddof = 1) over seeds; the paper does not say which.
@@ -48,7 +48,7 @@ BENCHMARK_TITLES = {"aime24": "AIME24", "aime25": "AIME25", "gpqa_diamond": "GPQ
                     "ifeval": "IFEval", "math_500": "MATH-500", TOY_BENCHMARK: "Toy addition"}
 KNOWN_BENCHMARKS = tuple(BENCHMARK_TITLES)
 
-# the four teacher->student settings (configs/experiment/<name>.yaml), in the paper's order
+# the four teacher->student settings (recipe/ta_opd/config/experiment/<name>.yaml), in the paper's order
 SETTINGS = {
     "qwen3_4b_to_qwen3_1p7b": "Qwen3-4B → Qwen3-1.7B",
     "qwen3_8b_grpo_to_qwen3_4b": "Qwen3-8B-GRPO → Qwen3-4B",
@@ -150,7 +150,7 @@ def load_records(root: str | Path) -> pd.DataFrame:
             rows.append({**rec, "file": str(f)})
     if not rows:
         raise TAInputError(f"no result files (JSON records with schema {SCHEMA!r}) under {str(root)!r}; "
-                           "write them with python -m recipe.ta_opd.evaluate")
+                           "write them with python -m recipe.ta_opd.reproduce.evaluate")
     return records_frame(rows)
 
 
@@ -224,7 +224,7 @@ def cell_stats(df: pd.DataFrame, benchmarks: tuple[str, ...]) -> pd.DataFrame:
 
 
 def paper_results() -> pd.DataFrame:
-    with resources.files("ta_opd").joinpath("data/paper_results.csv").open() as f:
+    with resources.files("recipe.ta_opd.reproduce").joinpath("paper_results.csv").open() as f:
         return pd.read_csv(f)
 
 
@@ -326,7 +326,7 @@ def to_markdown(t: pd.DataFrame, benchmarks, seeds: int, title: str, with_budget
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Entries: mean ± std (ddof 1) over evaluation seeds, in %; (n=k) marks a cell with k ≠ {seeds} seeds. "
               f"Avg. = mean of the {len(benchmarks)} benchmark means ({MISSING} unless all are present). "
-              f"{MISSING} = no result. Paper Avg.: published numbers (ta_opd/data/paper_results.csv, with sources)."]
+              f"{MISSING} = no result. Paper Avg.: published numbers (recipe/ta_opd/reproduce/paper_results.csv, with sources)."]
     return "\n".join(lines) + "\n"
 
 
@@ -393,7 +393,7 @@ def aggregate(root: str | Path, out: str | Path | None = None, benchmarks=PAPER_
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Table 3 / Table 4 of the paper from result files")
-    p.add_argument("root", help="folder with result records (the --out of python -m recipe.ta_opd.evaluate)")
+    p.add_argument("root", help="folder with result records (the --out of python -m recipe.ta_opd.reproduce.evaluate)")
     p.add_argument("--out", help="output folder (default ROOT/aggregate)")
     p.add_argument("--benchmarks", nargs="+", default=list(PAPER_BENCHMARKS),
                    help=f"table columns (default the paper's: {' '.join(PAPER_BENCHMARKS)})")

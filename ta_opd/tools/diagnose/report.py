@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ta_opd.diagnose.analysis import features
+from ta_opd.tools.diagnose.analysis import features
 
 
 def _plt():

@@ -1,8 +1,8 @@
-"""Training prompts for the paper's settings: ``python -m recipe.ta_opd.data dapo --out data/dapo``.
+"""Training prompts for the paper's settings: ``python -m recipe.ta_opd.reproduce.data dapo --out data/dapo``.
 
-    python -m recipe.ta_opd.data dapo --source FILE.parquet|FILE.jsonl --out data/dapo \\
+    python -m recipe.ta_opd.reproduce.data dapo --source FILE.parquet|FILE.jsonl --out data/dapo \\
         --dedup aime24=aime24.jsonl aime25=aime25.jsonl math_500=math500.jsonl
-    python -m recipe.ta_opd.data dapo --hub --out data/dapo     # BytedTsinghua-SIA/DAPO-Math-17k + the
+    python -m recipe.ta_opd.reproduce.data dapo --hub --out data/dapo     # BytedTsinghua-SIA/DAPO-Math-17k + the
                                                                   # three math benchmarks from the hub
 
 Reads DAPO-Math-17k (verl's RL layout: ``data_source``, ``prompt`` = [{role, content}], ``ability``,

@@ -13,25 +13,8 @@ import numpy as np
 import torch
 
 from ta_opd import support
+from ta_opd.kl import forward_kl
 from ta_opd.stats import dense_position_stats
-
-
-def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, chunk_size: int = 8
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-vocabulary KL(p_T ‖ p_S) and the Bhattacharyya coefficient Σ sqrt(p_S p_T). (N, V) x2 -> (N,) x2"""
-    n, vocab = teacher_logits.shape
-    kl = torch.empty(n)
-    bc = torch.empty(n)
-    ws = support.Workspace(min(chunk_size, max(n, 1)), vocab, teacher_logits.device, n_buffers=4)
-    for a in range(0, n, chunk_size):
-        b = min(a + chunk_size, n)
-        lt = support.log_softmax_into(support.as_fp32(teacher_logits[a:b], ws.get(0, b - a)), ws.get(1, b - a))
-        ls = support.log_softmax_into(support.as_fp32(student_logits[a:b], ws.get(0, b - a)), ws.get(2, b - a))
-        pt = torch.exp(lt, out=ws.get(3, b - a))
-        diff = torch.sub(lt, ls, out=ws.get(0, b - a))
-        kl[a:b] = torch.where(pt > 0, pt * diff, torch.zeros((), dtype=pt.dtype)).sum(-1)
-        bc[a:b] = torch.exp(torch.add(lt, ls, out=ws.get(0, b - a)).mul_(0.5)).sum(-1)
-    return kl, bc
 
 
 def score_positions(theta0: torch.Tensor, theta_tau: torch.Tensor, teacher: torch.Tensor, *,
@@ -77,7 +60,7 @@ def _batch_rows(rows, pad_id: int, max_tokens: int):
 def score_bank(bank, theta0, theta_tau, teacher, *, ks=(8, 16, 32), max_responses: int | None = None,
                max_tokens: int = 192, batch_size: int = 16, pad_id: int = 0, chunk_size: int = 8, device="cpu",
                vocab_size: int | None = None):
-    """Per-position table of a context bank (a DataFrame with ta_opd.diagnose.bank's schema).
+    """Per-position table of a context bank (a DataFrame with ta_opd.tools.diagnose.bank's schema).
 
     vocab_size: the tokenizers' shared vocabulary (``ta_opd.vocab.shared_vocab_size``, checked id
     by id); logits are sliced to it, so logit padding rows may differ between the models. None:

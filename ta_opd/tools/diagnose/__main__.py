@@ -1,6 +1,6 @@
-"""``python -m ta_opd.diagnose``: the fixed-context diagnostic on your teacher–student pair.
+"""``python -m ta_opd.tools.diagnose``: the fixed-context diagnostic on your teacher–student pair.
 
-    python -m ta_opd.diagnose --theta0 STUDENT --theta-tau CHECKPOINT --teacher TEACHER \\
+    python -m ta_opd.tools.diagnose --theta0 STUDENT --theta-tau CHECKPOINT --teacher TEACHER \\
         (--bank bank.parquet | --prompts prompts.parquet [--responses-per-prompt 1]) --out DIR
 
 Writes DIR/positions.parquet, regression.csv, q3_contrasts.csv, buckets.csv, selectors.csv,
@@ -68,15 +68,15 @@ def main(argv=None) -> int:
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from ta_opd.diagnose import analysis, bank, report
-    from ta_opd.diagnose.scoring import score_bank
+    from ta_opd.tools.diagnose import analysis, bank, report
+    from ta_opd.tools.diagnose.scoring import score_bank
 
     p = argparse.ArgumentParser(description="TA-OPD fixed-context diagnostic")
     p.add_argument("--theta0", required=True, help="initial student (Hugging Face folder)")
     p.add_argument("--theta-tau", required=True, help="trained student checkpoint (Hugging Face folder)")
     p.add_argument("--teacher", required=True, help="teacher (Hugging Face folder)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--bank", help="context bank parquet (schema: ta_opd/diagnose/bank.py)")
+    src.add_argument("--bank", help="context bank parquet (schema: ta_opd/tools/diagnose/bank.py)")
     src.add_argument("--prompts", help="verl-layout prompt parquet: sample a bank from θ0")
     p.add_argument("--responses-per-prompt", type=int, default=1)
     p.add_argument("--max-responses", type=int, default=300)

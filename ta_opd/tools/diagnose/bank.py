@@ -19,6 +19,15 @@ import torch
 COLUMNS = ("prompt_id", "prompt_ids", "prompt_len", "response_ids", "response", "label", "sampled_logp")
 
 
+def record(row: dict, fallback: int, prompt_ids: list[int], response_ids: list[int], response: str,
+           sampled_logp: list[float], step: int) -> dict:
+    """One bank row (the schema above, plus the training step) for one response of ``row``'s prompt;
+    ``fallback`` names the prompt when the row carries no id. Both backends build rows here."""
+    return {"prompt_id": prompt_key(row, fallback), "prompt_ids": list(prompt_ids), "prompt_len": len(prompt_ids),
+            "response_ids": list(response_ids), "response": response, "label": ground_truth(row),
+            "sampled_logp": list(sampled_logp), "step": step}
+
+
 def write_step(out_dir: str | Path, step: int, records: list[dict]) -> Path:
     """One training step's rollouts as ``step_<step>.parquet`` in ``out_dir`` (atomic rename), the
     layout :func:`load` reads back in step order. Both backends write through this."""
