@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ta_opd.config import TAConfig
 from ta_opd.errors import TAConfigError, TAInputError
 
+from recipe.ta_opd.naming import run_name
+
 # ta_opd.* keys that belong to the recipe rather than to TAConfig
 RECIPE_KEYS = {"backend", "teacher_model_path", "toy", "cpu", "teacher", "wandb_histogram", "vocab_mismatch_ok_ids", "dry_run"}
 BACKENDS = ("auto", "cpu", "verl")
@@ -44,23 +46,6 @@ def choose_backend(requested: str) -> tuple[str, str]:
             return "verl", f"auto: {n_gpu} CUDA GPU(s) visible"
         return "cpu", "auto: no CUDA GPU visible"
     return requested, "requested with ta_opd.backend"
-
-
-def run_name(cfg: DictConfig, ta: TAConfig) -> str:
-    """Default trainer.experiment_name: the pair and the selection knobs, so runs of different
-    pairs never share an output folder (or resume each other's checkpoints)."""
-    import hashlib
-    import re
-
-    student, teacher = cfg.actor_rollout_ref.model.path, cfg.ta_opd.teacher_model_path
-    if student is None and teacher is None:
-        pair = "toy"
-    else:
-        paths = [str(Path(os.path.expanduser(str(x))).resolve()) if x is not None else "none"
-                 for x in (student, teacher)]
-        slug = [re.sub(r"[^A-Za-z0-9.-]+", "-", Path(x).name)[:40] or "model" for x in paths]
-        pair = f"{slug[0]}_from_{slug[1]}_{hashlib.sha256(chr(0).join(paths).encode()).hexdigest()[:6]}"
-    return f"{pair}_{ta.selector}_rho{ta.budget}_k{ta.topk}_seed{ta.seed}"
 
 
 def set_threads(requested) -> str:
