@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from recipe.ta_opd import evaluate as E
+from recipe.ta_opd.reproduce import evaluate as E
 from recipe.ta_opd.reproduce import results as R
 from ta_opd.errors import TAConfigError
 
