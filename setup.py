@@ -13,9 +13,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ta_opd", "ta_opd.*", "recipe", "recipe.*"]),
-    # recipe/ta_opd/reproduce/paper_results.csv: the paper's published numbers that python -m recipe.ta_opd.reproduce.results
-    # puts beside ours
-    package_data={"recipe.ta_opd": ["config/*.yaml"], "ta_opd": ["data/*.csv"]},
+    # the paper's four settings (+experiment=<name>) ship in the recipe's config package; the paper's
+    # published numbers that python -m recipe.ta_opd.reproduce.results puts beside ours; the toy pair
+    package_data={"recipe.ta_opd": ["config/*.yaml", "config/experiment/*.yaml"],
+                  "recipe.ta_opd.reproduce": ["paper_results.csv"],
+                  "ta_opd.tools.toy": ["assets/*/manifest.json", "assets/*/*/*"]},
     install_requires=[
         "verl==0.9.1",
         # 2.13.0 is the CPU wheel of our dev/CI machines; verl's gpu extras pin 2.11.0.

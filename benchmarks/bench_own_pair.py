@@ -73,7 +73,7 @@ def main() -> None:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     rss_gb = usage.ru_maxrss / 2**20  # KiB -> GiB (Linux)
     cpu_s = usage.ru_utime + usage.ru_stime  # CPU time of the run: less sensitive to other load than wall time
-    rows = [r for r in csv.DictReader(open(tmp / "run" / "metrics.csv")) if r.get("timing_s/rollout")]
+    rows = [r for r in csv.DictReader(open(tmp / "run" / "metrics.csv")) if r.get("ta_opd/timing/rollout_s")]
     import torch
 
     print(f"torch {torch.__version__}, threads {a.threads}, teacher {params['teacher'] / 1e6:.0f}M / student "
@@ -81,10 +81,9 @@ def main() -> None:
           f"{a.max_response} response tokens (pair built in {build_s:.0f} s)")
     print("overrides: " + " ".join(o for o in overrides if "path=" not in o and "files=" not in o and "dir=" not in o))
     for r in rows:
-        parts = {k.split("/")[1]: float(r[k]) for k in ("timing_s/rollout", "timing_s/teacher_and_scoring",
-                                                         "timing_s/update")}
+        parts = {p: float(r[f"ta_opd/timing/{p}_s"]) for p in ("rollout", "teacher_and_scoring", "update")}
         print(f"step {r['step']}: " + "  ".join(f"{k} {v:.1f} s" for k, v in parts.items())
-              + f"  total {sum(parts.values()):.1f} s  CPU {float(r['timing_s/step_cpu']):.1f} s"
+              + f"  total {sum(parts.values()):.1f} s  CPU {float(r['ta_opd/timing/step_cpu_s']):.1f} s"
               + f"  (response tokens {float(r['ta_opd/valid_count']):.0f})")
     print(f"run wall {wall:.0f} s, CPU {cpu_s:.0f} s (incl. loading, the evaluations before and after), "
           f"peak RSS {rss_gb:.2f} GB")

@@ -33,7 +33,7 @@ def _inputs(a):
 
 def memory_child(a) -> None:
     logits, sampled = _inputs(a)
-    gb = peak_extra_gb(lambda: teacher_outputs(logits, sampled, topk=a.teacher_topk, chunk_size=a.chunk))
+    gb = peak_extra_gb(lambda: teacher_outputs(logits, sampled, teacher_topk=a.teacher_topk, chunk_size=a.chunk))
     print(f"PEAK_EXTRA_GB={gb:.6f}")
 
 
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
           f"K'={a.teacher_topk} chunk={a.chunk}", flush=True)
     logits, sampled = _inputs(a)
     t_lsm = _median_time(lambda: torch.log_softmax(logits, dim=-1), a.repeats)
-    t_teacher = _median_time(lambda: teacher_outputs(logits, sampled, topk=a.teacher_topk, chunk_size=a.chunk),
+    t_teacher = _median_time(lambda: teacher_outputs(logits, sampled, teacher_topk=a.teacher_topk, chunk_size=a.chunk),
                              a.repeats)
     mem = measure_memory_in_child(argv, __file__)
     full_gb = a.positions * a.vocab * 4 / 1024**3

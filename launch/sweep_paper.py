@@ -8,7 +8,8 @@
 Table 3: the four settings × {Full OPD, and random, entropy, TIP, TA-OPD, TA-OPD+Ent. at ρ = 10 %};
 Table 4: the two Qwen3-4B student settings × {entropy, TIP, TA-OPD, TA-OPD+Ent.} × ρ ∈ {5, 10, 30, 50} %
 (the 10 % runs are Table 3's). 48 runs in all. Each run sets ``trainer.experiment_name`` to the name
-``python -m recipe.ta_opd.reproduce.results`` parses (``<setting>__<method>__rho<budget>``, ``<setting>__full``), so
+``python -m recipe.ta_opd.reproduce.results`` parses (``<setting>__<method>__rho<budget>__seed<s>``,
+``<setting>__full__seed<s>``: another --seed is another folder, never a resume of this one), so
 its checkpoints land in ``$CKPT_DIR/ta_opd/<run name>/`` (paper_base.yaml's default_local_dir) and the
 evaluation and aggregation find the cell from the folder name. The Base rows need no training:
 evaluate the student model itself under ``<setting>__base`` (see docs/reproduce.md).
@@ -45,7 +46,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return run_name(self.setting, self.method, self.budget)
+        return run_name(self.setting, self.method, self.budget, self.seed)
 
     def overrides(self) -> list[str]:
         return [f"ta_opd.selector={self.method}", f"ta_opd.budget={1.0 if self.budget is None else self.budget}",

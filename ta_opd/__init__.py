@@ -7,6 +7,10 @@ verl, Ray, vLLM, pandas or matplotlib (``tests/test_layering.py``). ``ta_opd.too
 it and may import it, never the other way round: the fixed-context diagnostic, the toy task and
 pair, the selector demo. The numerical contract is ``docs/spec.md``; equation numbers refer to
 arXiv 2605.26844.
+
+Shapes (``docs/spec.md``, "Shapes"): B sequences, R response tokens, P prompt width, S = P + R,
+V vocabulary, K student support (``topk``), K' teacher's shipped top-K' (``teacher_topk``), N
+flattened positions (n: a chunk), M extra ids per position. T is the teacher, never a shape.
 """
 
 from ta_opd.budget import BudgetResult, budget_count, select_budget

@@ -1,10 +1,23 @@
-"""Input validation shared by the core's entry points. Every failure raises ``TAInputError``."""
+"""Input validation shared by the core's entry points (every failure raises ``TAInputError``), and
+the one int/real predicate pair the core and the recipe use for knob values."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ta_opd.errors import TAInputError
+
+
+def is_int(x: object) -> bool:
+    """An integer and not a bool: ``True`` is an ``int`` to Python, but ``topk=true`` is a mistake."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_real(x: object) -> bool:
+    """A finite int or float, not a bool (NaN and +-inf are never a valid knob value)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
 def check_tensor(name: str, x: object, *, ndim: int | None = None, floating: bool | None = None) -> torch.Tensor:

@@ -36,7 +36,7 @@ def budget_count(rho: float, n_valid: int) -> int:
 
 @dataclass(frozen=True)
 class BudgetResult:
-    mask: torch.Tensor  # (B, T) bool, kept positions
+    mask: torch.Tensor  # (B, R) bool, kept positions
     target: int  # n = ceil(rho·|I|)
     kept: int  # positions actually kept
     shortfall: int  # n - kept when fewer candidates than n (Q3 selectors); else 0
@@ -46,12 +46,12 @@ class BudgetResult:
 def _pos_major_index(valid: torch.Tensor) -> torch.Tensor:
     """Flat indices (into valid.view(-1)) of the valid positions, ordered by (position within
     the response, sequence). Rows are left-compacted (each row's valid positions moved to
-    columns 0..len-1) and read column by column: O(B·T), no sort. Returns (N,) int64."""
-    B, T = valid.shape
-    pos = valid.long().cumsum(1) - 1  # (B, T) position among the row's valid positions
+    columns 0..len-1) and read column by column: O(B·R), no sort. Returns (N,) int64."""
+    B, R = valid.shape
+    pos = valid.long().cumsum(1) - 1  # (B, R) position among the row's valid positions
     b_idx, t_idx = valid.nonzero(as_tuple=True)  # row-major
-    compact = torch.full((B, T), -1, dtype=torch.long, device=valid.device)
-    compact[b_idx, pos[b_idx, t_idx]] = b_idx * T + t_idx
+    compact = torch.full((B, R), -1, dtype=torch.long, device=valid.device)
+    compact[b_idx, pos[b_idx, t_idx]] = b_idx * R + t_idx
     flat = compact.t().reshape(-1)
     return flat[flat >= 0]
 
@@ -88,8 +88,8 @@ def select_budget(
 ) -> BudgetResult:
     """Keep the top-n candidates of the whole batch by score (Eq. 13).
 
-    scores: (B, T) float, finite at valid positions. valid: (B, T) bool (real response
-    positions after padding and trainer masks). candidates: optional (B, T) bool restricting
+    scores: (B, R) float, finite at valid positions. valid: (B, R) bool (real response
+    positions after padding and trainer masks). candidates: optional (B, R) bool restricting
     which valid positions may be kept (Q3 selectors). min_keep_per_sequence: every sequence
     also keeps its best m candidates (the kept count may then exceed n; it is reported).
     """
@@ -101,12 +101,12 @@ def select_budget(
     cand = valid if candidates is None else valid & check_mask("candidates", candidates, scores.shape)
     if not isinstance(min_keep_per_sequence, int) or min_keep_per_sequence < 0:
         raise TAInputError(f"min_keep_per_sequence={min_keep_per_sequence!r} must be an integer >= 0")
-    T = scores.shape[1]
+    R = scores.shape[1]
     idx = _pos_major_index(valid)  # (N,) flat indices in (position, sequence) order
     idx = idx[cand.reshape(-1)[idx]]  # candidates only
     s = scores.reshape(-1)[idx]
     if min_keep_per_sequence == 0:
-        # exact top-n under the tie rule in O(B·T): threshold at the n-th largest score
+        # exact top-n under the tie rule in O(B·R): threshold at the n-th largest score
         keep = _top_n_threshold(s, n)
         top_n = int(keep.sum())
     else:
@@ -114,7 +114,7 @@ def select_budget(
         idx = idx[order]
         keep = torch.arange(idx.numel(), device=scores.device) < n
         top_n = int(keep.sum())
-        keep |= _rank_in_row(idx // T, scores.shape[0]) < min_keep_per_sequence
+        keep |= _rank_in_row(idx // R, scores.shape[0]) < min_keep_per_sequence
     mask = torch.zeros_like(valid)
     mask.view(-1)[idx[keep]] = True
     kept = int(keep.sum())

@@ -7,23 +7,15 @@ vocabulary-dependent checks (K < V) run in :meth:`TAConfig.check_vocab` once V i
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from ta_opd._checks import is_int, is_real
 from ta_opd.errors import TAConfigError
 
 COMPATIBILITY_MODES = ("exact", "lower_bound")  # C (Eq. 10, exact where data allows) | Ĉ (Eq. 17)
 ENTROPY_MODES = ("full", "topk")  # full-vocabulary H | entropy of renormalized top-K / log K
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")  # Eq. 7 | the authors' code
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
 @dataclass(frozen=True)
@@ -70,21 +62,21 @@ class TAConfig:
             raise TAConfigError(
                 f"selector={self.selector!r} is unknown; valid selectors: {', '.join(available_selectors())}"
             )
-        if not _is_real(self.budget) or not (0.0 < float(self.budget) <= 1.0):
+        if not is_real(self.budget) or not (0.0 < float(self.budget) <= 1.0):
             raise TAConfigError(f"budget={self.budget!r} is not allowed; the budget rho must be a number in (0, 1]")
-        if not _is_int(self.topk) or self.topk < 1:
+        if not is_int(self.topk) or self.topk < 1:
             raise TAConfigError(f"topk={self.topk!r} is not allowed; K must be an integer >= 1")
-        if not _is_int(self.teacher_topk) or self.teacher_topk < self.topk:
+        if not is_int(self.teacher_topk) or self.teacher_topk < self.topk:
             raise TAConfigError(
                 f"teacher_topk={self.teacher_topk!r} is not allowed; K' must be an integer >= topk (K={self.topk})"
             )
         for name in ("q_low", "q_high"):
             v = getattr(self, name)
-            if not _is_real(v) or not (0.0 <= float(v) <= 1.0):
+            if not is_real(v) or not (0.0 <= float(v) <= 1.0):
                 raise TAConfigError(f"{name}={v!r} is not allowed; quantiles must be numbers in [0, 1]")
         if self.q_low >= self.q_high:
             raise TAConfigError(f"q_low={self.q_low!r} >= q_high={self.q_high!r}; q_low must be below q_high")
-        if not _is_real(self.eps) or self.eps <= 0:
+        if not is_real(self.eps) or self.eps <= 0:
             raise TAConfigError(f"eps={self.eps!r} is not allowed; eps must be a number > 0")
         self._check_choice("compatibility", COMPATIBILITY_MODES)
         self._check_choice("entropy", ENTROPY_MODES)
@@ -93,21 +85,21 @@ class TAConfig:
         self._check_choice("loss_agg", LOSS_AGG_MODES)
         if not isinstance(self.loss, str) or self.loss not in available_losses():
             raise TAConfigError(f"loss={self.loss!r} is unknown; valid losses: {', '.join(available_losses())}")
-        if not _is_int(self.min_keep_per_sequence) or self.min_keep_per_sequence < 0:
+        if not is_int(self.min_keep_per_sequence) or self.min_keep_per_sequence < 0:
             raise TAConfigError(
                 f"min_keep_per_sequence={self.min_keep_per_sequence!r} is not allowed; it must be an integer >= 0"
             )
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise TAConfigError(f"seed={self.seed!r} is not allowed; the seed must be an integer >= 0")
         for name in ("clip_low", "clip_high"):
             v = getattr(self, name)
-            if not _is_real(v) or v < 0:
+            if not is_real(v) or v < 0:
                 raise TAConfigError(f"{name}={v!r} is not allowed; clip ranges must be numbers >= 0")
         if self.clip_low >= 1:
             raise TAConfigError(f"clip_low={self.clip_low!r} is not allowed; it must be < 1 (ratio floor 1 - clip_low > 0)")
-        if not _is_int(self.chunk_size) or self.chunk_size < 1:
+        if not is_int(self.chunk_size) or self.chunk_size < 1:
             raise TAConfigError(f"chunk_size={self.chunk_size!r} is not allowed; it must be an integer >= 1")
-        if self.chunk_bytes is not None and (not _is_int(self.chunk_bytes) or self.chunk_bytes < 1):
+        if self.chunk_bytes is not None and (not is_int(self.chunk_bytes) or self.chunk_bytes < 1):
             raise TAConfigError(f"chunk_bytes={self.chunk_bytes!r} is not allowed; it must be an integer >= 1 "
                                 "(bytes), or null to use chunk_size rows")
 
@@ -124,7 +116,7 @@ class TAConfig:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Checks that need V: K < V and K' <= V."""
-        if not _is_int(vocab_size) or vocab_size < 2:
+        if not is_int(vocab_size) or vocab_size < 2:
             raise TAConfigError(f"vocab_size={vocab_size!r} is not allowed; it must be an integer >= 2")
         if self.topk >= vocab_size:
             raise TAConfigError(

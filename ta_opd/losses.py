@@ -17,6 +17,12 @@ on the support, as an earlier version did, makes the loss blind to that mass: it
 every logit outside the support is exactly zero.) Where the teacher's top-K holds all of its
 mass, the forward loss equals verl's ``forward_kl_topk`` in value and gradient.
 
+Per-token form: each built-in loss is registered as a :class:`TokenLoss` function ((B, R) ℓ_t and
+per-token metrics, ``register_loss(..., per_token=True)``); the registry derives the aggregated
+loss from it (:func:`compute_loss`, used by the CPU backend), and the verl backend runs the same
+function under verl's own aggregation. So a loss registered per token runs on both backends; one
+registered aggregated only runs on CPU and the verl backend refuses it by name at startup.
+
 Guards: a NaN or infinite input at a KEPT position raises ``TAInputError`` naming the position;
 masked positions are never read into the loss (they may hold anything).
 """
@@ -36,16 +42,16 @@ from ta_opd.registry import Registry
 
 @dataclass(frozen=True)
 class LossInputs:
-    """Everything a registered loss may read. (B, T) unless noted; gradients flow through the
+    """Everything a registered loss may read. (B, R) unless noted; gradients flow through the
     current-policy tensors (log_prob, student_topk_logp) only."""
 
     mask: torch.Tensor  # kept positions (selection mask AND valid)
     log_prob: torch.Tensor | None = None  # log π_θ(y_t), current policy
     old_log_prob: torch.Tensor | None = None  # log π_old(y_t), rollout policy
     teacher_log_prob: torch.Tensor | None = None  # log π_T(y_t)
-    student_topk_logp: torch.Tensor | None = None  # (B, T, K) log π_θ at the teacher's top-K ids (full-vocab softmax)
-    teacher_topk_logp: torch.Tensor | None = None  # (B, T, K) log π_T at those ids
-    # (B, T) log of π_θ's mass on every OTHER id, from the logits (see topk_logp_and_rest): it
+    student_topk_logp: torch.Tensor | None = None  # (B, R, K) log π_θ at the teacher's top-K ids (full-vocab softmax)
+    teacher_topk_logp: torch.Tensor | None = None  # (B, R, K) log π_T at those ids
+    # (B, R) log of π_θ's mass on every OTHER id, from the logits (see topk_logp_and_rest): it
     # cannot be recovered from student_topk_logp in floating point when the support holds ~all mass
     student_rest_logp: torch.Tensor | None = None
 
@@ -56,7 +62,19 @@ class LossOutput:
     metrics: dict[str, float]
 
 
-LossFn = Callable[..., LossOutput]
+@dataclass(frozen=True)
+class TokenLoss:
+    """A loss in per-token form: what a backend that aggregates by itself runs (verl reduces it
+    with its own ``agg_loss`` over the kept mask). A loss registered with ``per_token=True``
+    returns this; the registry derives its aggregated form (:func:`compute_loss`) from it."""
+
+    loss: torch.Tensor  # (B, R) per-token loss ℓ_t, exactly 0 at masked positions
+    # metric name -> (B, R) per-token values (no gradient); logged as their mean over kept positions
+    metrics: dict[str, torch.Tensor]
+
+
+LossFn = Callable[..., LossOutput]  # fn(inp, *, clip_low, clip_high, loss_agg, denominator) -> LossOutput
+TokenLossFn = Callable[..., TokenLoss]  # fn(inp, *, clip_low, clip_high) -> TokenLoss
 # the LossInputs fields a loss may declare it reads (``mask`` is always given, so never declared)
 INPUT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LossInputs) if f.name != "mask")
 
@@ -65,6 +83,7 @@ INPUT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LossInputs) if f.na
 class _Registered:
     fn: LossFn
     needs: tuple[str, ...]  # the LossInputs fields fn reads besides mask
+    token_fn: TokenLossFn | None  # the per-token form, when registered with per_token=True
 
 
 _LOSSES: Registry[_Registered] = Registry("loss")
@@ -81,15 +100,26 @@ def _check_needs(name: str, needs) -> tuple[str, ...]:
     return tuple(dict.fromkeys(f for f in needs if f != "mask"))  # declared order, no duplicates
 
 
-def register_loss(name: str, needs: tuple[str, ...] | None = None) -> Callable[[LossFn], LossFn]:
-    """Register ``fn(inp: LossInputs, *, clip_low, clip_high, loss_agg, denominator, ...)`` as
-    loss ``name``. ``needs``: the LossInputs fields it reads (``mask`` is implied); backends
-    compute only those, so a field not declared stays None. Omitted: every field (a backend then
-    computes all it can, the costly top-K gather and rest mass included)."""
+def register_loss(name: str, needs: tuple[str, ...] | None = None, *,
+                  per_token: bool = False) -> Callable[[Callable], Callable]:
+    """Register loss ``name``. ``needs``: the LossInputs fields it reads (``mask`` is implied);
+    backends compute only those, so a field not declared stays None. Omitted: every field (a
+    backend then computes all it can, the costly top-K gather and rest mass included).
+
+    ``per_token=False``: ``fn(inp, *, clip_low, clip_high, loss_agg, denominator) -> LossOutput``,
+    the aggregated loss; runs on the CPU backend only (the verl backend refuses it by name at
+    startup: verl aggregates per-token losses itself). ``per_token=True``:
+    ``fn(inp, *, clip_low, clip_high) -> TokenLoss``; :func:`compute_loss` aggregates it (Eq. 7 or
+    seq-mean-token-mean) and both backends run it."""
+    if not isinstance(per_token, bool):
+        raise TAConfigError(f"register_loss({name!r}, per_token={per_token!r}): per_token must be True or False")
     declared = INPUT_FIELDS if needs is None else _check_needs(name, needs)
 
-    def deco(fn: LossFn) -> LossFn:
-        _LOSSES.add(name, _Registered(fn, declared))
+    def deco(fn: Callable) -> Callable:
+        if per_token:
+            _LOSSES.add(name, _Registered(_aggregated(name, fn), declared, fn))
+        else:
+            _LOSSES.add(name, _Registered(fn, declared, None))
         return fn
 
     return deco
@@ -103,15 +133,43 @@ def get_loss(name: str) -> LossFn:
     return _LOSSES.get(name).fn
 
 
+def get_token_loss(name: str) -> TokenLossFn | None:
+    """The per-token form of registered loss ``name``, or None when it was registered aggregated only."""
+    return _LOSSES.get(name).token_fn
+
+
+def per_token_losses() -> tuple[str, ...]:
+    """The registered losses that have a per-token form (those the verl backend can run)."""
+    return tuple(n for n in _LOSSES.names() if _LOSSES.get(n).token_fn is not None)
+
+
 def loss_needs(name: str) -> tuple[str, ...]:
     """The LossInputs fields registered loss ``name`` reads besides ``mask``: all a backend
     needs to compute for it."""
     return _LOSSES.get(name).needs
 
 
+def _aggregated(name: str, token_fn: TokenLossFn) -> LossFn:
+    """The aggregated form of a per-token loss: ``aggregate`` over the kept positions, its metrics
+    the kept-position means of the per-token ones, plus ``ta_opd/loss/<name>`` (the loss)."""
+
+    def fn(inp: LossInputs, *, clip_low: float = 0.2, clip_high: float = 0.28, loss_agg: str = "token-mean",
+           denominator=None) -> LossOutput:
+        out = token_fn(inp, clip_low=clip_low, clip_high=clip_high)
+        mask = check_mask("mask", inp.mask, out.loss.shape)
+        loss = aggregate(out.loss, mask, loss_agg, denominator)
+        metrics = {f"ta_opd/loss/{name}": float(loss.detach()),
+                   **{k: _masked_mean(v.detach(), mask) for k, v in out.metrics.items()}}
+        return LossOutput(loss, metrics)
+
+    fn.__name__ = fn.__qualname__ = f"{name}_loss"
+    fn.__doc__ = f"The aggregated form of per-token loss {name!r} (see {token_fn.__name__})."
+    return fn
+
+
 def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
               denominator: float | torch.Tensor | None = None) -> torch.Tensor:
-    """Reduce a (B, T) per-token loss over the kept positions.
+    """Reduce a (B, R) per-token loss over the kept positions.
 
     token-mean (Eq. 7): Σ m·ℓ / denominator, denominator = Σ m of this batch unless given
     (pass the GLOBAL kept count when several micro-batches or ranks each contribute a sum).
@@ -143,7 +201,7 @@ def _need(inp: LossInputs, *names: str) -> list[torch.Tensor]:
 
 def check_kept_finite(name: str, x: torch.Tensor, mask: torch.Tensor, *, allow_neg_inf: bool = False) -> None:
     """Raise ``TAInputError`` naming the first kept position where ``x`` is NaN or infinite.
-    x: (B, T) or (B, T, K); mask: (B, T) kept positions. -inf passes when ``allow_neg_inf``
+    x: (B, R) or (B, R, K); mask: (B, R) kept positions. -inf passes when ``allow_neg_inf``
     (a log-probability of exactly zero)."""
     bad = (torch.isnan(x) | (x == float("inf"))) if allow_neg_inf else ~torch.isfinite(x)
     if x.dim() == mask.dim() + 1:
@@ -166,7 +224,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 def pg_opd_token_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage: torch.Tensor, mask: torch.Tensor,
                       *, clip_low: float = 0.2, clip_high: float = 0.28) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token PPO-clipped policy-gradient loss (plain clipping, no dual clip), all (B, T).
+    """Per-token PPO-clipped policy-gradient loss (plain clipping, no dual clip), all (B, R).
 
     Returns (per-token loss max(-A r, -A clip(r)), clipped flag, log-ratio). The ratio is taken
     as 1 at masked positions, so their loss and gradient are exactly zero after aggregation.
@@ -183,29 +241,26 @@ def pg_opd_token_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
     return torch.maximum(unclipped, clipped), clipped > unclipped, log_ratio
 
 
-@register_loss("pg_opd", needs=("log_prob", "old_log_prob", "teacher_log_prob"))
-def pg_opd_loss(inp: LossInputs, *, clip_low: float = 0.2, clip_high: float = 0.28,
-                loss_agg: str = "token-mean", denominator=None) -> LossOutput:
-    """Sampled-token PG-OPD with PPO clipping (Eqs. 6-7 with ℓ̂_t)."""
+@register_loss("pg_opd", needs=("log_prob", "old_log_prob", "teacher_log_prob"), per_token=True)
+def pg_opd_tokens(inp: LossInputs, *, clip_low: float = 0.2, clip_high: float = 0.28) -> TokenLoss:
+    """Sampled-token PG-OPD with PPO clipping (Eqs. 6-7 with ℓ̂_t), per token."""
     log_prob, old, teacher = _need(inp, "log_prob", "old_log_prob", "teacher_log_prob")
     if not (log_prob.shape == old.shape == teacher.shape) or log_prob.dim() != 2:
         raise TAInputError(
             f"log_prob {tuple(log_prob.shape)}, old_log_prob {tuple(old.shape)} and teacher_log_prob "
-            f"{tuple(teacher.shape)} must all be (B, T)")
+            f"{tuple(teacher.shape)} must all be (B, R)")
     mask = check_mask("mask", inp.mask, log_prob.shape)
     for name, x in (("log_prob", log_prob), ("old_log_prob", old), ("teacher_log_prob", teacher)):
         check_kept_finite(name, x.detach(), mask)
-    advantage = -(old - teacher).detach()  # (B, T)
+    advantage = -(old - teacher).detach()  # (B, R)
     per_token, is_clipped, log_ratio = pg_opd_token_loss(log_prob, old, advantage, mask,
                                                          clip_low=clip_low, clip_high=clip_high)
-    loss = aggregate(per_token, mask, loss_agg, denominator)
-    metrics = {
-        "ta_opd/loss/pg_opd": float(loss.detach()),
-        "ta_opd/loss/clipfrac": _masked_mean(is_clipped.float(), mask),
-        "ta_opd/loss/sampled_kl": _masked_mean((old - teacher).detach(), mask),
-        "ta_opd/loss/ppo_kl": _masked_mean(-log_ratio.detach(), mask),
-    }
-    return LossOutput(loss, metrics)
+    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
+    return TokenLoss(torch.where(mask, per_token, zero), {  # where, not *: nothing leaks from masked positions
+        "ta_opd/loss/clipfrac": is_clipped.float(),
+        "ta_opd/loss/sampled_kl": (old - teacher).detach(),
+        "ta_opd/loss/ppo_kl": -log_ratio.detach(),
+    })
 
 
 # Largest amount by which top-K probabilities may sum above 1 (float rounding of log-probs
@@ -276,7 +331,7 @@ def _check_topk_inputs(s: torch.Tensor, s_rest: torch.Tensor, t: torch.Tensor, m
     check_kept_finite("student_rest_logp", s_rest.detach(), mask, allow_neg_inf=True)
     check_kept_finite("teacher_topk_logp", t.detach(), mask, allow_neg_inf=True)
     for name, lp, tol in (("teacher_topk_logp", t, MASS_TOL), ("student_topk_logp", s, MASS_TOL)):
-        mass = torch.logsumexp(lp.detach().double(), dim=-1).exp()  # (B, T)
+        mass = torch.logsumexp(lp.detach().double(), dim=-1).exp()  # (B, R)
         over = (mass > 1 + tol) & mask
         if bool(over.any()):
             b, tt = (int(i) for i in over.nonzero()[0])
@@ -287,14 +342,14 @@ def _check_topk_inputs(s: torch.Tensor, s_rest: torch.Tensor, t: torch.Tensor, m
 _TOPK_NEEDS = ("student_topk_logp", "student_rest_logp", "teacher_topk_logp")
 
 
-def _topk_kl(inp: LossInputs, reverse: bool, loss_agg: str, denominator) -> LossOutput:
+def _topk_kl(inp: LossInputs, reverse: bool) -> TokenLoss:
     if inp.student_rest_logp is None and inp.student_topk_logp is not None:
         raise TAInputError("the top-K losses need student_rest_logp, the log of the student's mass outside the "
                            "teacher's top-K ids: compute both from the logits with ta_opd.losses.topk_logp_and_rest")
     s, s_rest, t = _need(inp, *_TOPK_NEEDS)
     if s.shape != t.shape or s.dim() != 3 or s_rest.shape != s.shape[:2]:
         raise TAInputError(f"student_topk_logp {tuple(s.shape)} and teacher_topk_logp {tuple(t.shape)} must both be "
-                           f"(B, T, K) and student_rest_logp {tuple(s_rest.shape)} (B, T)")
+                           f"(B, R, K) and student_rest_logp {tuple(s_rest.shape)} (B, R)")
     mask = check_mask("mask", inp.mask, s.shape[:2])
     _check_topk_inputs(s, s_rest, t, mask)
     # only kept positions enter the computation: masked ones may hold anything (padding, garbage)
@@ -302,25 +357,22 @@ def _topk_kl(inp: LossInputs, reverse: bool, loss_agg: str, denominator) -> Loss
     per_token = torch.zeros(mask.shape, dtype=kept.dtype, device=kept.device).index_put(mask.nonzero(as_tuple=True), kept)
     check_kept_finite("the top-K KL (one side gives probability 0 to a bin where the other has mass)",
                       per_token.detach(), mask)
-    loss = aggregate(per_token, mask, loss_agg, denominator)
-    name = "topk_reverse_kl" if reverse else "topk_forward_kl"
     with torch.no_grad():
-        metrics = {f"ta_opd/loss/{name}": float(loss.detach()),
-                   "ta_opd/loss/student_topk_mass": _masked_mean(torch.logsumexp(s.float(), -1).exp(), mask),
-                   "ta_opd/loss/teacher_topk_mass": _masked_mean(torch.logsumexp(t.float(), -1).exp(), mask)}
-    return LossOutput(loss, metrics)
+        metrics = {"ta_opd/loss/student_topk_mass": torch.logsumexp(s.float(), -1).exp(),  # (B, R)
+                   "ta_opd/loss/teacher_topk_mass": torch.logsumexp(t.float(), -1).exp()}
+    return TokenLoss(per_token, metrics)
 
 
-@register_loss("topk_forward_kl", needs=_TOPK_NEEDS)
-def topk_forward_kl_loss(inp: LossInputs, *, loss_agg: str = "token-mean", denominator=None, **_) -> LossOutput:
-    """KL(T̃ || S̃) on the teacher's top-K ids + a rest bin (see topk_kl_per_token)."""
-    return _topk_kl(inp, reverse=False, loss_agg=loss_agg, denominator=denominator)
+@register_loss("topk_forward_kl", needs=_TOPK_NEEDS, per_token=True)
+def topk_forward_kl_tokens(inp: LossInputs, **_) -> TokenLoss:
+    """KL(T̃ || S̃) on the teacher's top-K ids + a rest bin (see topk_kl_per_token), per token."""
+    return _topk_kl(inp, reverse=False)
 
 
-@register_loss("topk_reverse_kl", needs=_TOPK_NEEDS)
-def topk_reverse_kl_loss(inp: LossInputs, *, loss_agg: str = "token-mean", denominator=None, **_) -> LossOutput:
-    """KL(S̃ || T̃) on the teacher's top-K ids + a rest bin (see topk_kl_per_token)."""
-    return _topk_kl(inp, reverse=True, loss_agg=loss_agg, denominator=denominator)
+@register_loss("topk_reverse_kl", needs=_TOPK_NEEDS, per_token=True)
+def topk_reverse_kl_tokens(inp: LossInputs, **_) -> TokenLoss:
+    """KL(S̃ || T̃) on the teacher's top-K ids + a rest bin (see topk_kl_per_token), per token."""
+    return _topk_kl(inp, reverse=True)
 
 
 def compute_loss(name: str, inp: LossInputs, *, clip_low: float = 0.2, clip_high: float = 0.28,
@@ -329,6 +381,12 @@ def compute_loss(name: str, inp: LossInputs, *, clip_low: float = 0.2, clip_high
     return get_loss(name)(inp, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg, denominator=denominator)
 
 
-__all__ = ["LossInputs", "LossOutput", "register_loss", "available_losses", "get_loss", "loss_needs", "aggregate",
-           "compute_loss", "check_kept_finite", "pg_opd_loss", "pg_opd_token_loss", "teacher_rest_logp", "topk_kl_per_token",
-           "topk_logp_and_rest", "topk_forward_kl_loss", "topk_reverse_kl_loss"]
+# the aggregated forms of the built-in losses (what compute_loss dispatches to)
+pg_opd_loss = get_loss("pg_opd")
+topk_forward_kl_loss = get_loss("topk_forward_kl")
+topk_reverse_kl_loss = get_loss("topk_reverse_kl")
+
+__all__ = ["LossInputs", "LossOutput", "TokenLoss", "register_loss", "available_losses", "get_loss", "get_token_loss",
+           "per_token_losses", "loss_needs", "aggregate", "compute_loss", "check_kept_finite", "pg_opd_loss",
+           "pg_opd_tokens", "pg_opd_token_loss", "teacher_rest_logp", "topk_kl_per_token", "topk_logp_and_rest",
+           "topk_forward_kl_loss", "topk_reverse_kl_loss", "topk_forward_kl_tokens", "topk_reverse_kl_tokens"]

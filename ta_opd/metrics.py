@@ -18,7 +18,7 @@ def _level(q: float) -> str:
 def selection_metrics(*, D, C, H, DL, DI, q3, valid, mask, scores, missing=None, C_low=None, C_high=None,
                       D_spread=None, target=None, shortfall=0, min_keep_extra=0, raw_quantiles=None,
                       quantile_levels=(0.05, 0.5, 0.95)) -> dict[str, float]:
-    """All inputs (B, T) except the counts. Raw D, C, H; normalized D^L, D^I; q3 and masks bool.
+    """All inputs (B, R) except the counts. Raw D, C, H; normalized D^L, D^I; q3 and masks bool.
 
     raw_quantiles: optional name -> (Q_low, median, Q_high) of raw D, C, H (at quantile_levels).
     Kept-vs-dropped means are over valid positions; a side with no position reports NaN.
@@ -63,15 +63,15 @@ def selection_metrics(*, D, C, H, DL, DI, q3, valid, mask, scores, missing=None,
 def kept_advantage_metrics(advantage: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """Sign of the PG-OPD advantage A_t = log π_T(y_t) − log π_old(y_t) (Eq. 6), kept vs all valid.
 
-    advantage (B, T) float; valid, mask (B, T) bool. A position with A_t < 0 is one PG-OPD can
+    advantage (B, R) float; valid, mask (B, R) bool. A position with A_t < 0 is one PG-OPD can
     only push down (the student over-rates its own sample); A_t = 0 counts as non-negative. A side
     with no position reports NaN (issue 11 §2).
     """
     if advantage.shape != valid.shape or mask.shape != valid.shape:
         raise TAInputError(f"advantage {tuple(advantage.shape)}, valid {tuple(valid.shape)} and mask "
-                           f"{tuple(mask.shape)} must have the same (B, T) shape")
+                           f"{tuple(mask.shape)} must have the same (B, R) shape")
     kept = mask & valid
-    neg = advantage < 0  # (B, T)
+    neg = advantage < 0  # (B, R)
     return {
         "ta_opd/kept/neg_adv_fraction": _mean(neg[kept].float()),
         "ta_opd/kept/adv_mean": _mean(advantage[kept]),

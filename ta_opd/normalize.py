@@ -80,7 +80,7 @@ def apply_range(z: torch.Tensor, lo: float, hi: float, eps: float = 1e-8) -> tor
 def normalize_valid(z: torch.Tensor, valid: torch.Tensor, *, q_low: float = 0.05, q_high: float = 0.95,
                     eps: float = 1e-8, name: str = "z") -> tuple[torch.Tensor, float, float]:
     """Eq. 11 over the valid positions, the one implementation (``robust_normalize`` and
-    ``ta_opd.select`` both call it). z, valid: same shape (e.g. (B, T)). Returns (float32 z̃ of
+    ``ta_opd.select`` both call it). z, valid: same shape (e.g. (B, R)). Returns (float32 z̃ of
     that shape, 0 at invalid positions; Q_lo; Q_hi). Invalid positions never enter the
     quantiles; a non-finite value at a valid position is an error naming ``name``."""
     check_tensor(name, z, floating=True)
@@ -103,7 +103,7 @@ def robust_normalize(
     eps: float = 1e-8,
 ) -> torch.Tensor:
     """Eq. 11 over the valid positions (:func:`normalize_valid` without the range). z, valid:
-    same shape (e.g. (B, T)); returns float32 z̃ with the same shape, 0 at invalid positions."""
+    same shape (e.g. (B, R)); returns float32 z̃ with the same shape, 0 at invalid positions."""
     return normalize_valid(z, valid, q_low=q_low, q_high=q_high, eps=eps)[0]
 
 

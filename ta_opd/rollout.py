@@ -90,7 +90,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding: 0 at each row's first real token. (B, L) -> (B, L)."""
+    """Positions that skip left padding: 0 at each row's first real token. (B, S) -> (B, S)."""
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 

@@ -19,27 +19,27 @@ from ta_opd.stats import PositionStats
 
 @dataclass(frozen=True)
 class Normalized:
-    """Normalized statistics of a batch, (B, T) float32, 0 at invalid positions."""
+    """Normalized statistics of a batch, (B, R) float32, 0 at invalid positions."""
 
     D: torch.Tensor  # D̃
     C: torch.Tensor  # C̃
     H: torch.Tensor  # H̃
     DL: torch.Tensor  # D^L = D̃·C̃ (Eq. 12)
     DI: torch.Tensor  # D^I = D̃(1 - C̃)
-    q3: torch.Tensor  # (B, T) bool, Q3 membership
+    q3: torch.Tensor  # (B, R) bool, Q3 membership
     raw_quantiles: dict[str, tuple[float, float, float]]  # name -> raw (Q_low, median, Q_high)
 
 
 @dataclass(frozen=True)
 class Selection:
-    mask: torch.Tensor  # (B, T) bool, positions that receive the OPD loss
-    scores: torch.Tensor  # (B, T) float32 selector scores (0 at invalid; valid for "full" too)
+    mask: torch.Tensor  # (B, R) bool, positions that receive the OPD loss
+    scores: torch.Tensor  # (B, R) float32 selector scores (0 at invalid; valid for "full" too)
     normalized: Normalized
     metrics: dict[str, float]
 
 
 def _normalize_one(x: torch.Tensor, valid: torch.Tensor, cfg: TAConfig, name: str):
-    """Eq. 11 for one statistic. Returns (x̃ (B, T), raw (Q_low, median, Q_high), median of x̃)."""
+    """Eq. 11 for one statistic. Returns (x̃ (B, R), raw (Q_low, median, Q_high), median of x̃)."""
     norm, lo, hi = normalize_valid(x, valid, q_low=cfg.q_low, q_high=cfg.q_high, eps=cfg.eps, name=name)
     a, b, t = order_stats(x[valid], 0.5)
     # x ↦ x̃ is non-decreasing, so the middle order statistics of x̃ are the images of x's
@@ -60,16 +60,16 @@ def normalize_batch(D: torch.Tensor, C: torch.Tensor, H: torch.Tensor, valid: to
 def select_positions(stats: PositionStats, valid: torch.Tensor, cfg: TAConfig, step: int) -> Selection:
     """Choose the supervised positions of one rollout batch.
 
-    stats: :class:`PositionStats` with leading shape (B, T) (values at invalid positions are
-    ignored). valid: (B, T) bool, the valid response positions I of the WHOLE batch.
+    stats: :class:`PositionStats` with leading shape (B, R) (values at invalid positions are
+    ignored). valid: (B, R) bool, the valid response positions I of the WHOLE batch.
     step: global training step (seeds the random selector together with cfg.seed).
     """
     check_tensor("stats.D", stats.D, ndim=2, floating=True)
-    for name in ("C", "C_low", "C_high", "C_hat", "H", "D_spread", "missing"):  # all (B, T), like D
+    for name in ("C", "C_low", "C_high", "C_hat", "H", "D_spread", "missing"):  # all (B, R), like D
         t = check_tensor(f"stats.{name}", getattr(stats, name))
         if t.shape != stats.D.shape:
             raise TAInputError(f"stats.{name} has shape {tuple(t.shape)}, but stats.D has {tuple(stats.D.shape)}; "
-                               "every per-position statistic must have the batch's (B, T) shape")
+                               "every per-position statistic must have the batch's (B, R) shape")
     valid = check_mask("valid", valid, stats.D.shape)
     if not isinstance(step, int) or step < 0:
         raise TAInputError(f"step={step!r} must be an integer >= 0")

@@ -19,12 +19,12 @@ from ta_opd.registry import Registry
 
 @dataclass(frozen=True)
 class ScoreInputs:
-    """Normalized statistics of one batch, all (B, T) float32 with 0 at invalid positions."""
+    """Normalized statistics of one batch, all (B, R) float32 with 0 at invalid positions."""
 
     D: torch.Tensor  # D̃
     C: torch.Tensor  # C̃ (from C or Ĉ, per the compatibility mode)
     H: torch.Tensor  # H̃
-    valid: torch.Tensor  # (B, T) bool
+    valid: torch.Tensor  # (B, R) bool
     seed: int
     step: int
 
@@ -88,8 +88,8 @@ def q3_candidates(H: torch.Tensor, D: torch.Tensor, valid: torch.Tensor, *,
                   med_h: float | None = None, med_d: float | None = None) -> torch.Tensor:
     """Q3 = {H̃ < median(H̃) and D̃ >= median(D̃)} over the valid positions (Section 3.4).
 
-    H, D: normalized (B, T); medians over valid positions (computed here unless given).
-    Returns (B, T) bool.
+    H, D: normalized (B, R); medians over valid positions (computed here unless given).
+    Returns (B, R) bool.
     """
     from ta_opd.normalize import quantiles
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ta_opd import support
-from ta_opd._checks import check_ids, check_tensor
+from ta_opd._checks import check_ids, check_tensor, is_int
 from ta_opd.errors import TAInputError
 
 # Teacher top-K' probabilities may sum above 1 only by rounding (bf16 log-probs: ~1e-3).
@@ -95,7 +95,7 @@ class PositionStats:
 
     def scatter(self, valid: torch.Tensor) -> "PositionStats":
         """Statistics of the N valid positions (this object, leading shape (N,)) placed into the
-        (B, T) grid of ``valid`` (row-major order of its True entries); zeros elsewhere."""
+        (B, R) grid of ``valid`` (row-major order of its True entries); zeros elsewhere."""
         n = int(valid.sum())
         if self.D.shape != (n,):
             raise TAInputError(f"scatter needs (N,) statistics with N = valid.sum() = {n}, got {tuple(self.D.shape)}")
@@ -131,7 +131,7 @@ class StudentTopK:
 
 
 def _check_k(k: int, vocab: int, name: str = "topk") -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or not (1 <= k < vocab):
+    if not is_int(k) or not (1 <= k < vocab):
         raise TAInputError(f"{name}={k!r} is not allowed for a vocabulary of {vocab}; K must be an integer in [1, V)")
 
 
@@ -148,10 +148,10 @@ def _check_id_logp_pair(prefix: str, ids, logp, lead: torch.Size, vocab: int, wi
 
 
 def _check_chunk(chunk_size: int | None, chunk_bytes: int) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise TAInputError(f"chunk_size={chunk_size!r} is not allowed; it must be an integer >= 1, "
                            "or None for rows per chunk from chunk_bytes")
-    if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes < 1:
+    if not is_int(chunk_bytes) or chunk_bytes < 1:
         raise TAInputError(f"chunk_bytes={chunk_bytes!r} is not allowed; it must be an integer >= 1")
 
 
@@ -644,7 +644,7 @@ def topk_position_stats(
     probability was not given (D then uses the point value R_S / (V - K_s); D_spread is +inf when
     a teacher-weighted id may have student probability 0). The id fields are (..., K).
     """
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 2:
+    if not is_int(vocab_size) or vocab_size < 2:
         raise TAInputError(f"vocab_size={vocab_size!r} is not allowed; it must be an integer >= 2")
     vocab = vocab_size
     check_tensor("student_topk_ids", student_topk_ids, floating=False)

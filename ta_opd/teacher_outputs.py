@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ta_opd import support
-from ta_opd._checks import check_ids, check_tensor
+from ta_opd._checks import check_ids, check_tensor, is_int
 from ta_opd.errors import TAInputError
 
 
@@ -25,7 +25,7 @@ class TeacherOutputs:
     extra_logp: torch.Tensor | None = None  # (..., M) fp32 log-probs at requested ids
 
 
-def teacher_outputs(logits: torch.Tensor, sampled_ids: torch.Tensor, *, topk: int,
+def teacher_outputs(logits: torch.Tensor, sampled_ids: torch.Tensor, *, teacher_topk: int,
                     extra_ids: torch.Tensor | None = None, chunk_size: int = 8,
                     logp_dtype: torch.dtype = torch.float32) -> TeacherOutputs:
     """logits: (..., V) teacher logits at response positions (already aligned: the logits that
@@ -37,8 +37,8 @@ def teacher_outputs(logits: torch.Tensor, sampled_ids: torch.Tensor, *, topk: in
     check_tensor("sampled_ids", sampled_ids, floating=False)
     if sampled_ids.shape != lead:
         raise TAInputError(f"sampled_ids has shape {tuple(sampled_ids.shape)}, expected {tuple(lead)}")
-    if not isinstance(topk, int) or not (1 <= topk <= vocab):
-        raise TAInputError(f"teacher topk={topk!r} is not allowed; K' must be an integer in [1, V={vocab}]")
+    if not is_int(teacher_topk) or not (1 <= teacher_topk <= vocab):
+        raise TAInputError(f"teacher_topk={teacher_topk!r} is not allowed; K' must be an integer in [1, V={vocab}]")
     check_ids("sampled_ids", sampled_ids, vocab)
     if extra_ids is not None:
         check_tensor("extra_ids", extra_ids, floating=False)
@@ -49,8 +49,8 @@ def teacher_outputs(logits: torch.Tensor, sampled_ids: torch.Tensor, *, topk: in
     n = x2.shape[0]
     y = sampled_ids.reshape(n, 1).long()
     ex = extra_ids.reshape(n, -1).long() if extra_ids is not None else None
-    ids = torch.empty(n, topk, dtype=torch.int32, device=logits.device)
-    lp = torch.empty(n, topk, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(n, teacher_topk, dtype=torch.int32, device=logits.device)
+    lp = torch.empty(n, teacher_topk, dtype=torch.float32, device=logits.device)
     sampled = torch.empty(n, dtype=torch.float32, device=logits.device)
     ent = torch.empty(n, dtype=torch.float32, device=logits.device)
     extra = torch.empty(n, ex.shape[1], dtype=torch.float32, device=logits.device) if ex is not None else None
@@ -62,14 +62,14 @@ def teacher_outputs(logits: torch.Tensor, sampled_ids: torch.Tensor, *, topk: in
         if bool(torch.isnan(logp[:, 0]).any()):
             raise TAInputError(f"teacher logits at flattened position {a + int(torch.isnan(logp[:, 0]).nonzero()[0, 0])} "
                                "contain NaN or +inf")
-        v, i = logp.topk(topk, dim=-1)
+        v, i = logp.topk(teacher_topk, dim=-1)  # (n, K') each
         ids[a:b], lp[a:b] = i.int(), v
         sampled[a:b] = logp.gather(-1, y[a:b]).squeeze(-1)
         ent[a:b] = support.entropy_from_logp(logp, ws.get(2, b - a))
         if extra is not None:
             extra[a:b] = logp.gather(-1, ex[a:b])
     return TeacherOutputs(
-        topk_ids=ids.reshape(*lead, topk), topk_logp=lp.to(logp_dtype).reshape(*lead, topk),
+        topk_ids=ids.reshape(*lead, teacher_topk), topk_logp=lp.to(logp_dtype).reshape(*lead, teacher_topk),
         sampled_logp=sampled.reshape(lead), entropy=ent.reshape(lead),
         extra_logp=None if extra is None else extra.reshape(*lead, -1))
 

@@ -101,10 +101,12 @@ CASES: list[tuple[str, list[str]]] = [
     ("output folder is a file", ["trainer.default_local_dir={a_file}"]),
     ("rollout folder unwritable", ["trainer.rollout_data_dir={a_file}/rollouts"]),
     ("unwritable cache folder (pair not built yet)", ["ta_opd.toy.cache_dir={a_file}/cache"]),
+    ("output folder null", ["trainer.default_local_dir=null"]),
     # --- models ---
     ("student path does not exist", own(student="/nonexistent/student")),
     ("teacher path does not exist", own(teacher="/nonexistent/teacher")),
     ("only the student given", ["actor_rollout_ref.model.path={student}"]),
+    ("student path empty", own(student="''")),
     ("student is a file", own(student="{a_file}")),
     ("empty model folder", own(student="{empty_dir}")),
     ("config.json not JSON", own(student="{bad_config}")),
@@ -125,6 +127,7 @@ CASES: list[tuple[str, list[str]]] = [
     ("prompt is a string, not chat messages", own(train="{string_prompt}")),
     ("no ground truth", own(val="{no_truth}")),
     ("two train files", own(train="[{train},{train}]")),
+    ("chat template options not a mapping", ["data.apply_chat_template_kwargs=thinking"]),
     # --- resuming ---
     ("tracker file holds 'abc'", ["trainer.default_local_dir={tracker_abc}"]),
     ("tracker file empty", ["trainer.default_local_dir={tracker_empty}"]),
@@ -142,7 +145,7 @@ BASE = [f"+ta_opd.toy.spec.{k}={v}" for k, v in TINY.items()] + [
 
 
 def _hold_lock(folder, ready, done):
-    from recipe.ta_opd.cpu import runlock
+    from recipe.ta_opd import runlock
 
     runlock.acquire(folder, log=lambda *_: None)
     ready.set()
@@ -290,7 +293,7 @@ def test_every_bad_input_gets_a_clear_error(files, tmp_path):
         assert not (out / "checkpoints").exists(), what  # failed before the first step
         results.append((what, [_normalize(o, files) for o in _fill(overrides, files)], _normalize(lines[0], files)))
     assert not failures, "\n\n".join(failures)
-    assert len(results) >= 60
+    assert len(results) >= 95  # the table never loses a case
     assert not (files["tmp"] / "PWNED").exists(), "a planted pickle ran"
     table = _table(results)
     if os.environ.get("TA_OPD_WRITE_BAD_INPUTS"):
@@ -333,3 +336,22 @@ def test_diagnose_rejects_out_of_range_flags(flag, value, tmp_path, capsys):
               "--out", str(tmp_path / "out"), flag, value])
     assert rc == 2
     assert f"[ta-opd diagnose] error: {flag}=" in capsys.readouterr().err
+
+
+def test_every_cpu_knob_is_one_row_of_the_plan():
+    """A CPU knob is declared once (field, Hydra key, rule); the plan reads every one of them."""
+    from dataclasses import fields
+
+    from recipe.ta_opd.cpu.plan import KNOBS, read
+    from recipe.ta_opd.cpu.trainer import CPURunConfig
+    from tests.cli_inprocess import config
+
+    names, keys = [k.field for k in KNOBS], [k.key for k in KNOBS]
+    assert len(set(names)) == len(names) and len(set(keys)) == len(keys)
+    derived = {"ta", "pair", "test_file"}  # the TAConfig; what resolving the pair gives
+    plan_only = {"num_threads", "cache_dir"}  # the plan's own, not the trainer's
+    assert set(names) - plan_only == {f.name for f in fields(CPURunConfig)} - derived
+    values = read(config(["trainer.experiment_name=t", "trainer.logger=console", "ta_opd.cpu.betas=[0,0.5]"]))
+    assert set(values) == set(names)
+    assert values["loggers"] == ("console",) and values["betas"] == (0.0, 0.5)  # one name is a list of one
+    assert values["vocab_mismatch_ok_ids"] == () and values["chat_template_kwargs"] == {}

@@ -67,7 +67,7 @@ def test_teacher_outputs_match_direct():
     logits = torch.randn(3, 5, 50, generator=gen) * 2
     y = torch.randint(0, 50, (3, 5), generator=gen)
     extra = torch.randint(0, 50, (3, 5, 4), generator=gen)
-    out = teacher_outputs(logits, y, topk=8, extra_ids=extra, chunk_size=4)
+    out = teacher_outputs(logits, y, teacher_topk=8, extra_ids=extra, chunk_size=4)
     lp = torch.log_softmax(logits, -1)
     v, i = lp.topk(8, dim=-1)
     assert out.topk_ids.dtype == torch.int32 and torch.equal(out.topk_ids.long(), i)
@@ -75,7 +75,7 @@ def test_teacher_outputs_match_direct():
     torch.testing.assert_close(out.sampled_logp, lp.gather(-1, y.unsqueeze(-1)).squeeze(-1))
     torch.testing.assert_close(out.entropy, -(lp.exp() * lp).sum(-1))
     torch.testing.assert_close(out.extra_logp, lp.gather(-1, extra))
-    half = teacher_outputs(logits, y, topk=8, logp_dtype=torch.bfloat16)
+    half = teacher_outputs(logits, y, teacher_topk=8, logp_dtype=torch.bfloat16)
     assert half.topk_logp.dtype == torch.bfloat16
 
 
@@ -106,8 +106,10 @@ def test_resume_equals_uninterrupted(tiny_pair, tmp_path):
         assert torch.equal(a, b), k
     # every step's metrics (selection, loss, rollout) are identical: nothing repeated or skipped
     def steps(t):
-        return [{k: v for k, v in h.items() if not k.startswith("timing_s/")} for h in t.history]
+        return [{k: v for k, v in h.items() if not k.startswith("ta_opd/timing/")} for h in t.history]
     assert [h["step"] for h in resumed.history] == [0, 1, 2, 3, 4]
+    phases = ("rollout", "teacher_and_scoring", "update", "step_cpu")
+    assert {f"ta_opd/timing/{p}_s" for p in phases} <= set(full.history[-1])
     assert steps(full) == steps(resumed)
 
 

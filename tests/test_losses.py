@@ -266,7 +266,7 @@ def test_loss_input_errors():
     with pytest.raises(TAInputError, match="needs teacher_log_prob"):
         compute_loss("pg_opd", LossInputs(mask=torch.ones(1, 2, dtype=torch.bool), log_prob=torch.zeros(1, 2),
                                           old_log_prob=torch.zeros(1, 2)))
-    with pytest.raises(TAInputError, match=r"\(B, T\)"):
+    with pytest.raises(TAInputError, match=r"\(B, R\)"):
         compute_loss("pg_opd", LossInputs(mask=torch.ones(1, 2, dtype=torch.bool), log_prob=torch.zeros(1, 2),
                                           old_log_prob=torch.zeros(1, 3), teacher_log_prob=torch.zeros(1, 2)))
     with pytest.raises(TAInputError, match="mask"):

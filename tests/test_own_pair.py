@@ -203,8 +203,8 @@ def test_a_newly_registered_loss_runs_on_cpu_and_is_refused_clearly_by_verl(tiny
         assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
         with initialize_config_dir(config_dir=str(ROOT / "recipe/ta_opd/config"), version_base=None):
             vcfg = compose("ta_opd_trainer", overrides=[f"ta_opd.loss={name}"])
-        with pytest.raises(TAConfigError, match=f"ta_opd.loss='{name}' runs on the CPU backend but the verl backend "
-                                                "has no distillation loss"):
+        with pytest.raises(TAConfigError, match=f"ta_opd.loss='{name}' is registered without a per-token form, so "
+                                                "only the CPU backend can run it"):
             plan(vcfg, ta_config(vcfg.ta_opd), student_path="s", teacher_path="t", vocab_size=151936)
     finally:
         _LOSSES._items.pop(name, None)
@@ -267,7 +267,9 @@ def test_heldout_kl_equals_a_direct_unbatched_computation(tiny_pair):
 
 
 def test_thread_count_is_chosen_and_said(monkeypatch):
-    from recipe.ta_opd.main import set_threads
+    from recipe.ta_opd.cpu.plan import read
+    from recipe.ta_opd.cpu.run import set_threads
+    from tests.cli_inprocess import config
 
     before = torch.get_num_threads()
     try:
@@ -279,6 +281,6 @@ def test_thread_count_is_chosen_and_said(monkeypatch):
         assert set_threads(None).startswith("[ta-opd] torch threads: 3 ($OMP_NUM_THREADS)")
         assert set_threads(2).startswith("[ta-opd] torch threads: 2 (ta_opd.cpu.num_threads)")
         with pytest.raises(TAConfigError, match="num_threads=0 is not allowed"):
-            set_threads(0)
+            read(config(["trainer.experiment_name=t", "ta_opd.cpu.num_threads=0"]))  # checked by the plan
     finally:
         torch.set_num_threads(before)

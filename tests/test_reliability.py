@@ -12,12 +12,12 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -47,7 +47,7 @@ def test_unwritable_output_folder_fails_before_training(tiny_pair, tmp_path):
 
 # --- 2. run lock -------------------------------------------------------------------------------
 def _hold(folder, ready, done):
-    from recipe.ta_opd.cpu import runlock
+    from recipe.ta_opd import runlock
 
     runlock.acquire(folder, log=lambda *_: None)
     ready.set()
@@ -55,7 +55,7 @@ def _hold(folder, ready, done):
 
 
 def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
-    from recipe.ta_opd.cpu import runlock
+    from recipe.ta_opd import runlock
 
     ctx = multiprocessing.get_context("fork")
     ready, done = ctx.Event(), ctx.Event()
@@ -74,7 +74,7 @@ def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
 
 
 def test_lock_of_another_host_is_refused_with_the_file_to_delete(tmp_path):
-    from recipe.ta_opd.cpu import runlock
+    from recipe.ta_opd import runlock
 
     (tmp_path / runlock.LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "x", "argv": "y"}))
     with pytest.raises(TAConfigError, match=r"another host.*delete .*\.ta_opd\.lock"):
@@ -93,7 +93,7 @@ def _entry(args, cache, out):
 @pytest.mark.slow
 def test_two_real_processes_cannot_share_a_folder(tiny_pair, tmp_path):
     """Before: both exited 0 and the later overwrote the other's checkpoints and summary."""
-    from recipe.ta_opd.cpu.runlock import LOCK_NAME
+    from recipe.ta_opd.runlock import LOCK_NAME
 
     cache, _ = tiny_pair
     first = _entry(["trainer.total_training_steps=200", "trainer.save_freq=1"], cache, tmp_path)
@@ -147,11 +147,17 @@ def test_resume_with_another_identity_is_refused(tiny_pair, tmp_path):
                                     dict(lr=-1e-4), dict(n_samples=0), dict(max_response_length=0),
                                     dict(eval_size=0), dict(betas=(0.9,)), dict(seed=2**70), dict(loggers=("foo",))])
 def test_run_config_rejects_out_of_range_knobs(change):
-    """Before: grad_clip=-1 was accepted and trained by gradient ascent (torch flips the sign)."""
-    pair = type("P", (), {"student": "s", "teacher": "t", "train_file": "a", "val_file": "b", "test_file": "c"})
-    valid = run_config(pair, "o")  # the baseline is valid (nothing is read from disk here)
-    with pytest.raises(TAConfigError, match="is not allowed"):
-        replace(valid, **change)
+    """Before: grad_clip=-1 was accepted and trained by gradient ascent (torch flips the sign). Every
+    CPURunConfig field is checked once, by the CPU plan's row for it (cpu/plan.py), by its Hydra key."""
+    from recipe.ta_opd.cpu.plan import key_of, read
+    from tests.cli_inprocess import config
+
+    (field, value), = change.items()
+    key = key_of(field)
+    valid = ["trainer.experiment_name=t"]
+    read(config(valid))  # the baseline is valid (nothing is read from disk here)
+    with pytest.raises(TAConfigError, match=rf"^{re.escape(key)}=.* is not allowed"):
+        read(config(valid + [f"{key}={json.dumps(list(value) if isinstance(value, tuple) else value)}"]))
 
 
 # --- 4. kill during write -----------------------------------------------------------------------
@@ -262,7 +268,7 @@ def kill_campaign(cache: str, out: str, random_kills: int, seed: int) -> dict:
                zip(reference.student.state_dict().values(), resumed.student.state_dict().values()))
 
     def metrics(t):
-        return [{k: v for k, v in h.items() if not k.startswith("timing_s/")} for h in t.history]
+        return [{k: v for k, v in h.items() if not k.startswith("ta_opd/timing/")} for h in t.history]
 
     leftovers = [p.name for p in (out / "killed" / "checkpoints").iterdir() if p.name.startswith(".")]
     return {"kills": kills, "lost_steps": lost, "failed_segments": failed, "segments": segments,

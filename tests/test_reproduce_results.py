@@ -52,6 +52,15 @@ def test_run_names_round_trip():
         R.parse_run_name("qwen3_4b_to_1p7b_teachability_rho0.1_k16")
     with pytest.raises(TAConfigError, match="budget"):
         R.run_name(S1, "full", 0.1)
+    # the training seed is part of the name; names written before it was still parse (seed None)
+    assert R.run_name(S1, "teachability", 0.1, 3) == "qwen3_4b_to_qwen3_1p7b__teachability__rho0.10__seed3"
+    assert R.parse_run_name(f"{S1}__teachability__rho0.10__seed3") == R.RunId(S1, "teachability", 0.1, 3)
+    assert R.run_name(S1, "full", seed=0) == f"{S1}__full__seed0"
+    assert R.parse_run_name(f"{S1}__full__seed0") == R.RunId(S1, "full", None, 0)
+    with pytest.raises(TAConfigError, match="no training seed"):
+        R.run_name(S1, "base", seed=0)
+    with pytest.raises(TAConfigError, match="seed"):
+        R.run_name(S1, "tip", 0.1, -1)
 
 
 def test_table3_hand_computed(fixture_dir):

@@ -28,7 +28,14 @@ def test_grid_covers_tables_3_and_4_once():
         (s, m, b) for s in R.TABLE4_SETTINGS for m in R.TABLE4_METHODS for b in R.TABLE4_BUDGETS}
     for r in runs:  # the aggregation reads the cell back from the run name
         rid = R.parse_run_name(r.name)
-        assert (rid.setting, rid.method, rid.budget) == (r.setting, r.method, r.budget)
+        assert (rid.setting, rid.method, rid.budget, rid.seed) == (r.setting, r.method, r.budget, 0)
+
+
+def test_seed_is_in_every_run_name():
+    """seed 1 must not resume seed 0's folder: every run name, and so every folder, differs by seed."""
+    s0, s1 = sweep.grid(seed=0), sweep.grid(seed=1)
+    assert not {r.name for r in s0} & {r.name for r in s1}
+    assert all(R.parse_run_name(r.name).seed == 1 and "ta_opd.seed=1" in r.overrides() for r in s1)
 
 
 def test_commands_and_slurm_array(tmp_path, capsys):
@@ -36,10 +43,10 @@ def test_commands_and_slurm_array(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 16
     assert lines[0] == ("EXPERIMENT=qwen3_14b_to_qwen3_4b bash launch/single_node.sh ta_opd.selector=entropy "
-                        "ta_opd.budget=0.05 ta_opd.seed=0 trainer.experiment_name=qwen3_14b_to_qwen3_4b__entropy__rho0.05")
+                        "ta_opd.budget=0.05 ta_opd.seed=0 trainer.experiment_name=qwen3_14b_to_qwen3_4b__entropy__rho0.05__seed0")
     assert sweep.main(["--emit", "slurm", "--out", str(tmp_path)]) == 0
     tsv = (tmp_path / "runs.tsv").read_text().splitlines()
-    assert len(tsv) == 48 and tsv[0].split("\t")[:3] == ["0", "qwen3_4b_to_qwen3_1p7b", "qwen3_4b_to_qwen3_1p7b__full"]
+    assert len(tsv) == 48 and tsv[0].split("\t")[:3] == ["0", "qwen3_4b_to_qwen3_1p7b", "qwen3_4b_to_qwen3_1p7b__full__seed0"]
     script = (tmp_path / "array.sbatch").read_text()
     assert "#SBATCH --array=0-47%4" in script and "#SBATCH --nodes=8" in script
     subprocess.run(["bash", "-n", str(tmp_path / "array.sbatch")], check=True)

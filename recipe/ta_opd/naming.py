@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -10,18 +12,26 @@ from omegaconf import DictConfig
 from ta_opd.config import TAConfig
 
 
-def run_name(cfg: DictConfig, ta: TAConfig) -> str:
-    """Default trainer.experiment_name: the pair and the selection knobs, so runs of different
-    pairs never share an output folder (or resume each other's checkpoints)."""
-    import hashlib
-    import re
+def _where(model) -> str:
+    """A local model folder by its absolute path; anything else (a hub id such as Qwen/Qwen3-4B) as
+    given, so the name does not depend on the working directory."""
+    if model is None:
+        return "none"
+    local = Path(os.path.expanduser(str(model)))
+    return str(local.resolve()) if local.exists() else str(model)
 
+
+def run_name(cfg: DictConfig, ta: TAConfig) -> str:
+    """Default trainer.experiment_name: ``<pair>_<selector>[_rho<ρ>]_k<K>_seed<s>`` (full OPD keeps
+    every position, so it carries no budget). ``<pair>`` is ``toy`` or ``<student>_from_<teacher>_<hash
+    of both>``, so runs of different pairs, selections or seeds never share an output folder; anything
+    else that differs is caught by the run identity when a checkpoint would be resumed."""
     student, teacher = cfg.actor_rollout_ref.model.path, cfg.ta_opd.teacher_model_path
     if student is None and teacher is None:
         pair = "toy"
     else:
-        paths = [str(Path(os.path.expanduser(str(x))).resolve()) if x is not None else "none"
-                 for x in (student, teacher)]
-        slug = [re.sub(r"[^A-Za-z0-9.-]+", "-", Path(x).name)[:40] or "model" for x in paths]
-        pair = f"{slug[0]}_from_{slug[1]}_{hashlib.sha256(chr(0).join(paths).encode()).hexdigest()[:6]}"
-    return f"{pair}_{ta.selector}_rho{ta.budget}_k{ta.topk}_seed{ta.seed}"
+        where = [_where(x) for x in (student, teacher)]
+        slug = [re.sub(r"[^A-Za-z0-9.-]+", "-", Path(x).name)[:40] or "model" for x in where]
+        pair = f"{slug[0]}_from_{slug[1]}_{hashlib.sha256(chr(0).join(where).encode()).hexdigest()[:6]}"
+    budget = "" if ta.selector == "full" else f"_rho{ta.budget}"
+    return f"{pair}_{ta.selector}{budget}_k{ta.topk}_seed{ta.seed}"

@@ -23,16 +23,16 @@ KINDS = ("agree", "learnable", "incompatible", "uncertain")
 
 
 def synthetic_batch(n_seq: int, seq_len: int, vocab: int, k: int, seed: int):
-    """Student/teacher logits (B, T, V) and the planted kind of every position (B, T)."""
+    """Student/teacher logits (B, R, V) and the planted kind of every position (B, R)."""
     gen = torch.Generator().manual_seed(seed)
-    B, T, V = n_seq, seq_len, vocab
-    kind = torch.randint(0, len(KINDS), (B, T), generator=gen)
-    student = torch.randn(B, T, V, generator=gen)
-    top = torch.stack([torch.randperm(V, generator=gen)[: 2 * k] for _ in range(B * T)]).view(B, T, 2 * k)
+    B, R, V = n_seq, seq_len, vocab
+    kind = torch.randint(0, len(KINDS), (B, R), generator=gen)
+    student = torch.randn(B, R, V, generator=gen)
+    top = torch.stack([torch.randperm(V, generator=gen)[: 2 * k] for _ in range(B * R)]).view(B, R, 2 * k)
     s_sup, off_sup = top[..., :k], top[..., k:]  # student support, and ids off it
-    confident = torch.linspace(10.0, 5.0, k).expand(B, T, k)
-    student.scatter_(-1, s_sup, confident + 0.3 * torch.randn(B, T, k, generator=gen))
-    teacher = student + 0.2 * torch.randn(B, T, V, generator=gen)
+    confident = torch.linspace(10.0, 5.0, k).expand(B, R, k)
+    student.scatter_(-1, s_sup, confident + 0.3 * torch.randn(B, R, k, generator=gen))
+    teacher = student + 0.2 * torch.randn(B, R, V, generator=gen)
     # learnable: the teacher reorders the student's own candidates
     learn = (kind == 1).unsqueeze(-1)
     shuffled = confident.flip(-1) + 1.0
@@ -42,7 +42,7 @@ def synthetic_batch(n_seq: int, seq_len: int, vocab: int, k: int, seed: int):
     teacher = torch.where(incompat, teacher.scatter(-1, off_sup, confident + 3.0), teacher)
     # uncertain: a flat student, teacher unchanged
     flat = (kind == 3).unsqueeze(-1)
-    student = torch.where(flat, torch.randn(B, T, V, generator=gen) * 0.3, student)
+    student = torch.where(flat, torch.randn(B, R, V, generator=gen) * 0.3, student)
     return student, teacher, kind
 
 

@@ -19,7 +19,7 @@ def rollout(models):
     from recipe.ta_opd.verl_backend.teacher import TeacherWorkerConfig, compute_teacher_fields
 
     batch = rollout_batch(B=8, P=5, R=7, seed=3)
-    cfg = TeacherWorkerConfig(model_path=models["teacher_path"], vocab_size=VOCAB, topk=12, micro_batch_size=4,
+    cfg = TeacherWorkerConfig(model_path=models["teacher_path"], vocab_size=VOCAB, teacher_topk=12, micro_batch_size=4,
                               chunk_size=5, param_dtype="float32")
     batch.update(compute_teacher_fields(models["teacher"], batch, cfg))
     return batch

@@ -69,7 +69,7 @@ def test_recipe_config_plans_both_teacher_backends(backend):
     p = plan(cfg, ta_config(cfg.ta_opd), student_path="s", teacher_path="t", vocab_size=QWEN_V)
     d = build_verl_dataclasses(cfg, p)
     assert cfg.distillation.enabled == (backend == "vllm")  # verl's own teacher servers only for vllm
-    assert p.loss_mode == {"fsdp": "ta_opd_pg", "vllm": "ta_opd_pg_topk"}[backend]
+    assert p.loss_mode == {"fsdp": "ta_opd_pg_opd", "vllm": "ta_opd_pg_opd_topk"}[backend]
     assert d.distillation_loss.topk == 64
     assert p.teacher_pool == [4] and p.teacher_worker["vocab_size"] == QWEN_V
 

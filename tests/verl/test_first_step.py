@@ -5,7 +5,9 @@
 - ``trainer.nnodes`` counts ALL nodes of the run; the cluster is checked before data loads;
 - a rollout token outside the shared vocabulary killed the teacher -> the position leaves
   selection and the loss, counted in ``ta_opd/invalid_sampled_fraction``;
-- modes under which the hooks cannot work (bypass, pad_to_length) -> refused at startup.
+- modes under which the hooks cannot work (bypass, rollout correction, pad_to_length) -> refused at
+  startup, and a student whose logit rows exceed the teacher's embedding rows;
+- the statistics pass is verl's own ``_compute_old_log_prob`` (router replay, ``sum_pi_squared`` kept).
 (Empty micro-batches vs verl's cross-rank metric aggregation: tests/verl/test_verl_loss.py.)
 """
 
@@ -15,12 +17,15 @@ import pytest
 import torch
 from verl import DataProto
 
+from verl.utils import tensordict_utils as tu
+
 from recipe.ta_opd.main import ta_config
 from recipe.ta_opd.verl_backend import fields as F
 from recipe.ta_opd.verl_backend.teacher import TeacherWorkerConfig, compute_teacher_fields
 from recipe.ta_opd.verl_backend.trainer import exclude_invalid_sampled, teacher_request
 from recipe.ta_opd.verl_backend.validate import Pools, check_cluster, plan, split_allocation
 from ta_opd.errors import TAConfigError
+from ta_opd.stats import PositionStats
 from tests.verl.helpers import VOCAB, rollout_batch
 from tests.verl.test_configs import CONFIGS, QWEN_V, RECIPE_DIR, ROOT, compose_from
 
@@ -102,6 +107,9 @@ def test_single_node_split_six_trainer_gpus(monkeypatch):
       "actor_rollout_ref.rollout.tensor_model_parallel_size=6", "data.train_batch_size=24"],
      "one vLLM rollout replica (6 GPUs) would straddle nodes of 8 GPUs"),
     (["algorithm.rollout_correction.bypass_mode=true"], "algorithm.rollout_correction.bypass_mode=true is not supported"),
+    # verl's rollout correction runs after the statistics and edits response_mask / rescales the loss
+    (["algorithm.rollout_correction.rollout_rs=token_k1"], "algorithm.rollout_correction.rollout_rs='token_k1' is not supported"),
+    (["algorithm.rollout_correction.rollout_is=token"], "algorithm.rollout_correction.rollout_is='token' is not supported"),
     (["actor_rollout_ref.actor.pad_to_length=true"], "actor_rollout_ref.actor.pad_to_length=true is not supported"),
     (["ta_opd.teacher.timeout_s=0"], "ta_opd.teacher.timeout_s=0 is not allowed"),
     (["actor_rollout_ref.rollout.temperature=0"], "actor_rollout_ref.rollout.temperature=0 is not allowed"),
@@ -155,7 +163,7 @@ def test_teacher_request_does_not_leak_the_padding_flag_into_the_batch():
 
 def test_teacher_fields_skip_ids_outside_the_vocabulary(models):
     batch = rollout_batch(B=4, P=5, R=7, seed=9)
-    cfg = TeacherWorkerConfig(model_path=models["teacher_path"], vocab_size=VOCAB, topk=8, micro_batch_size=2,
+    cfg = TeacherWorkerConfig(model_path=models["teacher_path"], vocab_size=VOCAB, teacher_topk=8, micro_batch_size=2,
                               chunk_size=3, param_dtype="float32")
     clean = compute_teacher_fields(models["teacher"], batch, cfg)
     b, t = 1, 0  # a valid position; the models have 104 logit rows for the 96-token vocabulary
@@ -211,7 +219,7 @@ def test_teacher_request_is_padded_to_the_group(ray_cpu, models):
 
     from recipe.ta_opd.verl_backend.teacher import TATeacherWorker
 
-    cfg = TeacherWorkerConfig(model_path=models["teacher_path"], vocab_size=VOCAB, topk=8, micro_batch_size=2,
+    cfg = TeacherWorkerConfig(model_path=models["teacher_path"], vocab_size=VOCAB, teacher_topk=8, micro_batch_size=2,
                               chunk_size=5, param_dtype="float32")
     pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=1)
     wg = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=RayClassWithInitArgs(
@@ -243,13 +251,51 @@ def test_the_recipes_grader_is_verls_default_scorer_unless_the_user_sets_one():
 def test_local_data_files_must_exist_and_become_absolute(tmp_path, monkeypatch):
     """The paper configs default to relative data/dapo/*.parquet; Ray's workers open them from their
     own working directory, after Ray started: checked and made absolute on the driver."""
-    from recipe.ta_opd.main import _local_data_files
+    from recipe.ta_opd.verl_backend.entry import local_data_files
 
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "train.parquet").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
-    assert _local_data_files("d/train.parquet", "data.train_files") == str(tmp_path / "d" / "train.parquet")
-    assert _local_data_files(["d/train.parquet", "hdfs://x/y.parquet"], "k") == [
+    assert local_data_files("d/train.parquet", "data.train_files") == str(tmp_path / "d" / "train.parquet")
+    assert local_data_files(["d/train.parquet", "hdfs://x/y.parquet"], "k") == [
         str(tmp_path / "d" / "train.parquet"), "hdfs://x/y.parquet"]
     with pytest.raises(TAConfigError, match=r"data.val_files='d/val.parquet' does not exist \(resolved against "):
-        _local_data_files("d/val.parquet", "data.val_files")
+        local_data_files("d/val.parquet", "data.val_files")
+
+
+# --- the statistics pass is verl's own _compute_old_log_prob -----------------------------------
+
+def test_old_log_prob_pass_keeps_what_verl_returns(models):
+    """``sum_pi_squared`` (asked for by actor.calculate_sum_pi_squared) and MoE ``routed_experts`` come
+    back as verl returns them, next to the TA statistics; the flags reach the actor."""
+    from tests.verl.test_trainer_hooks import FakeActorGroup, make_trainer
+
+    class ActorWithExtras(FakeActorGroup):
+        def compute_log_prob(self, td):
+            self.seen["flags"] = {k: tu.get(td, k) for k in ("calculate_sum_pi_squared", "compute_loss")}
+            out = super().compute_log_prob(td)
+            out["sum_pi_squared"] = out["entropy"].clone()  # same packed layout as verl's
+            out["routed_experts"] = torch.arange(8 * 12).reshape(8, 12)
+            return out
+
+    trainer, _ = make_trainer(models, "actor_rollout_ref.actor.calculate_sum_pi_squared=true")
+    wg = trainer.actor_rollout_wg
+    trainer.actor_rollout_wg = ActorWithExtras(wg.model, wg.loss_fn, wg.loss_mode)
+    batch = DataProto.from_dict(tensors=rollout_batch(B=8, P=5, R=7, seed=4))
+    old, _ = trainer._compute_old_log_prob(batch)
+    assert trainer.actor_rollout_wg.seen["flags"] == {"calculate_sum_pi_squared": True, "compute_loss": True}
+    assert isinstance(trainer.actor_rollout_wg, ActorWithExtras)  # the real group is back after the call
+    keys = set(old.batch.keys())
+    assert {"old_log_probs", "entropys", "sum_pi_squared", "routed_experts",
+            *(F.stat_key(n) for n in PositionStats.SCALARS)} <= keys
+    torch.testing.assert_close(old.batch["sum_pi_squared"], old.batch["entropys"])
+    assert torch.equal(old.batch["routed_experts"], torch.arange(8 * 12).reshape(8, 12))
+
+
+def test_student_with_more_logit_rows_than_teacher_embeddings_is_refused():
+    from recipe.ta_opd.verl_backend.validate import check_teacher_embeds
+
+    check_teacher_embeds(151936, 151936)
+    check_teacher_embeds(151936, 152064)  # R1-Distill-Qwen-14B teacher, Qwen2.5-3B student
+    with pytest.raises(TAConfigError, match=r"the student has 416 logit rows .* the teacher embeds only 399 ids"):
+        check_teacher_embeds(416, 399)

@@ -6,7 +6,8 @@ teacher group on its own pool, verl's agent loop and reward loop, verl's batch b
 cross-rank metric aggregation and checkpoint manager — all verl's code. The CPU pieces are test
 support (``tests/verl/cpu_fit``, docs/verl_cpu_fit.md): a platform (device cpu, gloo, Ray
 resource CPU), a rollout replica that samples with a Hugging Face model and takes the actor's
-weights after every update. Then a second run resumes from the step-2 checkpoint and finishes.
+weights after every update. (Resume = uninterrupted is checked on the shipped configuration's run,
+``test_fit_shipped.py``, in bf16 under dynamic batching; this run is the exact fp32 reference.)
 The budget (rho = 5 %) leaves some ranks' micro-batches with no kept position.
 
 Recorders (``tests/verl/cpu_fit/record.py``) save what each step selected and what the actor
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -102,7 +102,7 @@ def run(cmd: list[str], out: Path) -> None:
 @dataclass
 class Runs:
     full: Path  # 3 uninterrupted steps
-    resumed: Path  # from the full run's step-2 checkpoint
+    resumed: Path | None  # from the full run's step-2 checkpoint (test_fit_shipped.py), None here
     student: str
     teacher: str
 
@@ -128,14 +128,10 @@ def runs(tiny_pair, tmp_path_factory) -> Runs:
     student = verl_ready_copy(pair.student, root / "student")
     teacher = verl_ready_copy(pair.teacher, root / "teacher")
     data = Path(pair.train_file).parent
-    full, resumed = root / "full", root / "resumed"
+    full = root / "full"
     full.mkdir()
     run(command(student, teacher, data, full), full)
-    (resumed / "ckpt").mkdir(parents=True)
-    shutil.copytree(full / "ckpt" / "global_step_2", resumed / "ckpt" / "global_step_2")
-    (resumed / "ckpt" / "latest_checkpointed_iteration.txt").write_text("2")
-    run(command(student, teacher, data, resumed), resumed)
-    return Runs(full, resumed, student, teacher)
+    return Runs(full, None, student, teacher)
 
 
 def test_verl_fit_runs_every_step_and_checkpoints(runs):
@@ -150,9 +146,6 @@ def test_verl_fit_runs_every_step_and_checkpoints(runs):
     for k in (2, 3):
         for rank in (0, 1):
             assert (runs.full / "ckpt" / f"global_step_{k}" / "actor" / f"model_world_size_2_rank_{rank}.pt").exists()
-    # the resumed run started at step 3
-    assert sorted(Runs.logged(runs.resumed)) == [3]
-    assert sorted(p.name for p in (runs.resumed / "record").glob("step_*.pt")) == ["step_3.pt"]
 
 
 def test_kept_count_is_exactly_ceil_rho_I(runs):
@@ -240,20 +233,6 @@ def test_masked_pg_opd_gradient_matches_ta_opd(runs):
     assert Runs.logged(runs.full)[1]["actor/loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
 
 
-def test_resumed_run_equals_uninterrupted(runs):
-    a, b = Runs.step(runs.full, 3), Runs.step(runs.resumed, 3)
-    assert torch.equal(a["batch"]["responses"], b["batch"]["responses"])  # same rollouts
-    assert torch.equal(a["kept"], b["kept"])  # same selection
-    for key in ("old_log_probs", F.TEACHER_LOGP, F.stat_key("D")):
-        torch.testing.assert_close(a["batch"][key], b["batch"][key], atol=1e-6, rtol=0, msg=key)
-    la, lb = Runs.logged(runs.full)[3], Runs.logged(runs.resumed)[3]
-    for key in ("actor/loss", "actor/grad_norm", "actor/ta_opd/loss/sampled_kl", "ta_opd/D/mean", "actor/entropy"):
-        assert la[key] == pytest.approx(lb[key], rel=1e-5, abs=1e-7), key
-    ga, gb = Runs.actor(runs.full, 0, 3)["grads"], Runs.actor(runs.resumed, 0, 1)["grads"]
-    for name in ga:
-        torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=1e-4, msg=name)
-
-
 def test_teacher_fields_line_up_with_responses(runs):
     """The teacher group's fields of every step are the teacher's outputs for exactly the response
     tokens verl's rollout produced (full-sequence rows P-1+t for the top-K', response grid for the rest)."""
@@ -270,7 +249,7 @@ def test_teacher_fields_line_up_with_responses(runs):
             keep = b["attention_mask"][i].bool()
             n_p, n_r = int(keep[:P].sum()), int(b["response_mask"][i].sum())
             logits = model(input_ids=b["input_ids"][i][keep].unsqueeze(0)).logits[0, :, : model.config.vocab_size]
-            want = teacher_outputs(logits[n_p - 1 : n_p - 1 + n_r], b["responses"][i, :n_r], topk=K)
+            want = teacher_outputs(logits[n_p - 1 : n_p - 1 + n_r], b["responses"][i, :n_r], teacher_topk=K)
             assert torch.equal(b[F.TEACHER_IDS][i, P - 1 : P - 1 + n_r].long(), want.topk_ids.long())
             torch.testing.assert_close(b[F.TEACHER_LOGPROBS][i, P - 1 : P - 1 + n_r].float(), want.topk_logp.float(),
                                        atol=1e-5, rtol=0)

@@ -37,7 +37,7 @@ def smoke_dir(tmp_path_factory):
 
 def test_smoke_script_validates_without_a_gpu(smoke_dir):
     out = _run(["bash", "launch/smoke_1gpu.sh", "ta_opd.dry_run=true"], {"SMOKE_DIR": str(smoke_dir), "PYTHON": PY})
-    assert "trainer pool [1], teacher fsdp (colocated with the trainer), loss ta_opd_pg, shared vocabulary 399" in out
+    assert "trainer pool [1], teacher fsdp (colocated with the trainer), loss ta_opd_pg_opd, shared vocabulary 399" in out
     assert "dry run: configuration valid" in out
 
 
@@ -47,7 +47,7 @@ def test_single_node_script_validates_a_paper_config(smoke_dir):
            "NODE_GPUS": "8", "TEACHER_GPUS": "2"}
     out = _run(["bash", "launch/single_node.sh", "ta_opd.dry_run=true", "ta_opd.budget=0.05"], env)
     assert ("allocation 1 x 8 GPUs (trainer.nnodes x n_gpus_per_node) -> trainer pool [6], teacher fsdp (pool [2]), "
-            "loss ta_opd_pg, shared vocabulary 399, K=16, K'=64, rho=0.05") in out
+            "loss ta_opd_pg_opd, shared vocabulary 399, K=16, K'=64, rho=0.05") in out
 
 
 def test_slurm_script_refuses_node_count_overrides():

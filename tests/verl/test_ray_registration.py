@@ -11,7 +11,7 @@ def test_setup_hook_registers_losses_in_a_fresh_worker(ray_cpu):
         return sorted(k for k in DISTILLATION_LOSS_REGISTRY if k.startswith("ta_opd"))
 
     got = ray_cpu.get(ray_cpu.remote(probe).remote())
-    assert got == ["ta_opd_pg", "ta_opd_pg_topk", "ta_opd_topk_forward_kl", "ta_opd_topk_reverse_kl"]
+    assert got == ["ta_opd_pg_opd", "ta_opd_pg_opd_topk", "ta_opd_topk_forward_kl", "ta_opd_topk_reverse_kl"]
 
 
 def test_actor_worker_class_builds_its_distillation_config_in_a_worker(ray_cpu):
@@ -57,7 +57,7 @@ with initialize_config_dir(config_dir="{root}/recipe/ta_opd/config", version_bas
 def probe():
     import sys
     from verl.trainer.distillation.losses import DISTILLATION_LOSS_REGISTRY
-    return "ta_opd_pg" in DISTILLATION_LOSS_REGISTRY, REPO_ROOT in sys.path or REPO_ROOT in __import__("os").environ["PYTHONPATH"]
+    return "ta_opd_pg_opd" in DISTILLATION_LOSS_REGISTRY, REPO_ROOT in sys.path or REPO_ROOT in __import__("os").environ["PYTHONPATH"]
 ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # negative control: no runtime env
 print("PLAIN", ray.get(ray.remote(probe).remote())[0])
 ray.shutdown()

@@ -18,7 +18,7 @@ def teacher_path(tmp_path_factory):
 
 
 def _cfg(path, **kw):
-    return TeacherWorkerConfig(model_path=path, vocab_size=VOCAB, topk=8, micro_batch_size=4, chunk_size=5,
+    return TeacherWorkerConfig(model_path=path, vocab_size=VOCAB, teacher_topk=8, micro_batch_size=4, chunk_size=5,
                                param_dtype="float32", **kw)
 
 
@@ -35,7 +35,8 @@ def test_fields_match_unbatched_teacher_outputs(teacher_path):
         logits = model(input_ids=ids).logits[0, :, :VOCAB]  # unpadded, one sequence
         n_resp = int(batch["response_mask"][b].sum())
         n_prompt = int(keep[:P].sum())
-        want = teacher_outputs(logits[n_prompt - 1 : n_prompt - 1 + n_resp], batch["responses"][b, :n_resp], topk=8)
+        want = teacher_outputs(logits[n_prompt - 1 : n_prompt - 1 + n_resp], batch["responses"][b, :n_resp],
+                               teacher_topk=8)
         got_ids = out[F.TEACHER_IDS][b, P - 1 : P - 1 + n_resp]
         torch.testing.assert_close(out[F.TEACHER_LOGPROBS][b, P - 1 : P - 1 + n_resp], want.topk_logp, atol=1e-5, rtol=0)
         assert torch.equal(got_ids, want.topk_ids)

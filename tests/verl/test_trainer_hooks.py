@@ -158,7 +158,7 @@ def test_vllm_teacher_backend_step(models):
     derives log π_T(y_t), the statistics pass and verl's update (global distillation switch on, a
     top-K loss mode, so verl alone would skip the log-probs the PG loss needs) run the PG loss."""
     trainer, p = make_trainer(models, "ta_opd.teacher.backend=vllm", "ta_opd.budget=0.5")
-    assert p.loss_mode == "ta_opd_pg_topk"
+    assert p.loss_mode == "ta_opd_pg_opd_topk"
     raw = rollout_batch(B=8, P=5, R=7, seed=6)
     shipped = compute_teacher_fields(models["teacher"], raw, teacher_cfg(models, p))
     batch = DataProto.from_dict(tensors={**raw, F.TEACHER_IDS: shipped[F.TEACHER_IDS],

@@ -19,7 +19,7 @@ from recipe.ta_opd.verl_backend import fields as F
 from recipe.ta_opd.verl_backend.losses import make_actor_loss
 from recipe.ta_opd.verl_backend.trainer import apply_selection
 from recipe.ta_opd.verl_backend.validate import plan
-from ta_opd.losses import LossInputs, compute_loss, topk_logp_and_rest
+from ta_opd.losses import LossInputs, compute_loss, loss_needs, topk_logp_and_rest
 from ta_opd.select import select_positions
 from ta_opd.stats import PositionStats, sparse_position_stats
 from tests.verl.engine_sim import forward_backward
@@ -373,14 +373,15 @@ def test_an_empty_micro_batch_aggregates_across_two_dp_ranks(models, rollout, lo
         assert final["ta_opd/loss/sampled_kl"] == pytest.approx(want, rel=1e-5)
         assert final["ta_opd/loss/clipfrac"] == 0.0  # on-policy
     else:
-        assert 0 < final["ta_opd/loss/student_topk_mass"] < 1 and final["ta_opd/loss/topk_kl"] > 0
+        assert 0 < final["ta_opd/loss/student_topk_mass"] < 1 and final["ta_opd/loss/topk_forward_kl"] > 0
+        assert 0 < final["ta_opd/loss/teacher_topk_mass"] <= 1 + 1e-5
     assert final["distillation/loss_min"] <= final["distillation/loss_max"]
     assert all(v == v and abs(v) != float("inf") for v in final.values())  # no NaN / inf reaches the logger
 
 
 def test_topk_processor_refuses_a_nan_teacher_value_at_a_kept_row(models, rollout):
     """Issue 14: a NaN teacher log-prob at a kept row must not become a silent top-K loss value."""
-    from recipe.ta_opd.verl_backend.losses import topk_kl_outputs
+    from recipe.ta_opd.verl_backend.losses import token_loss_outputs
     from ta_opd.errors import TAInputError
 
     ta, actor_cfg, dist_cfg, logp, valid, mask = _selected(models, rollout, "ta_opd.budget=0.3",
@@ -398,4 +399,106 @@ def test_topk_processor_refuses_a_nan_teacher_value_at_a_kept_row(models, rollou
     logits = [torch.randn(1, int(m["input_ids"].values().shape[0]), 104) for m in mb]
     with pytest.raises(TAInputError, match="teacher's top-K log-probs .*nan.* at packed row"):
         for m, x in zip(mb, logits):
-            topk_kl_outputs(x, m, ta, VOCAB, reverse=False)
+            token_loss_outputs(x, m, ta, VOCAB)
+
+
+# ----------------------------------------------------------------------------- the loss registry on verl
+
+
+@pytest.fixture
+def toy_losses():
+    """Two losses registered for this test only, per token: one the final loss can build (sampled
+    path), one that also reads top-K fields (logits path, every LossInputs field but the rest
+    mass); and one registered aggregated only. Unregistered afterwards, from ta_opd and verl."""
+    from verl.trainer.distillation.losses import DISTILLATION_LOSS_REGISTRY, DISTILLATION_SETTINGS_REGISTRY
+
+    from recipe.ta_opd.verl_backend import losses as L
+    from ta_opd.losses import _LOSSES, TokenLoss, aggregate, register_loss
+
+    @register_loss("test_toy_sampled", needs=("log_prob", "teacher_log_prob"), per_token=True)
+    def sampled(inp, **_):  # (B, R): half the squared sampled-token log-ratio
+        gap = inp.log_prob - inp.teacher_log_prob.detach()
+        return TokenLoss(torch.where(inp.mask, 0.5 * gap ** 2, 0.0), {"ta_opd/loss/toy_gap": gap.detach()})
+
+    needs = ("log_prob", "old_log_prob", "teacher_log_prob", "student_topk_logp", "teacher_topk_logp")
+
+    @register_loss("test_toy_logits", needs=needs, per_token=True)
+    def logits(inp, *, clip_low, clip_high):  # sampled gap + teacher-weighted cross-entropy on its top-K + ratio
+        gap = inp.log_prob - inp.teacher_log_prob.detach()
+        p_t = inp.teacher_topk_logp.detach().exp()  # (B, R, K)
+        ce = -(p_t * inp.student_topk_logp).sum(-1)  # (B, R)
+        ratio = (inp.log_prob - inp.old_log_prob.detach()).clamp(-clip_low, clip_high)
+        per_token = 0.5 * gap ** 2 + ce + ratio
+        return TokenLoss(torch.where(inp.mask, per_token, 0.0), {"ta_opd/loss/toy_ce": ce.detach()})
+
+    @register_loss("test_toy_aggregated", needs=("log_prob",))
+    def aggregated(inp, *, loss_agg="token-mean", denominator=None, **_):
+        from ta_opd.losses import LossOutput
+        return LossOutput(aggregate(inp.log_prob ** 2, inp.mask, loss_agg, denominator), {})
+
+    names = ("test_toy_sampled", "test_toy_logits", "test_toy_aggregated")
+    yield names
+    for name in names:
+        _LOSSES._items.pop(name, None)
+    for mode in [m for m, (loss, _) in L._MODES.items() if loss in names]:
+        DISTILLATION_LOSS_REGISTRY.pop(mode, None)
+        DISTILLATION_SETTINGS_REGISTRY.pop(mode, None)
+        L._MODES.pop(mode)
+
+
+@pytest.mark.parametrize("loss", ["test_toy_sampled", "test_toy_logits"])
+def test_a_newly_registered_per_token_loss_runs_on_verls_loss_path(models, rollout, toy_losses, loss):
+    """A loss registered per token (no edit of the verl adapter) runs through verl's update and
+    equals ta_opd's compute_loss on the (B, R) grid, in value, metrics and gradient: off-policy
+    old log-probs, both micro-batchings."""
+    from recipe.ta_opd.verl_backend.losses import on_logits_path, update_flags
+
+    model = models["student"]
+    ta, actor_cfg, dist_cfg, logp, valid, mask = _selected(models, rollout, "ta_opd.budget=0.3", f"ta_opd.loss={loss}")
+    mode = dist_cfg.distillation_loss.loss_mode
+    assert mode == f"ta_opd_{loss}" and on_logits_path(loss) == (loss == "test_toy_logits")
+    logits_path = on_logits_path(loss)
+    assert update_flags(mode) == {"distillation_use_topk": logits_path, "distillation_only": logits_path}
+    old = torch.where(valid, logp + 0.3 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2)), 0.0)
+    batch = _update_batch(rollout, mask, old)
+    R = rollout["responses"].shape[1]
+    P = rollout["input_ids"].shape[1] - R
+    for micro in MICRO:
+        model.zero_grad()
+        td = to_td(batch, calculate_entropy=False, compute_loss=True, global_batch_size=8, **update_flags(mode),
+                   **micro)
+        out, got = forward_backward(model, td, make_actor_loss(actor_cfg, dist_cfg, ta, VOCAB), forward_only=False)
+        g_got = _grads(model)
+        model.zero_grad()
+        logits = model(input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"],
+                       position_ids=rollout["position_ids"]).logits[:, P - 1 : P - 1 + R]  # (B, R, V_model)
+        ids = rollout[F.TEACHER_IDS][:, P - 1 : P - 1 + R, : ta.topk].long()
+        s_lp, _ = topk_logp_and_rest(logits[..., :VOCAB], ids)
+        log_prob = torch.log_softmax(logits.float(), -1).gather(-1, rollout["responses"].unsqueeze(-1))[..., 0]
+        every = dict(log_prob=log_prob, old_log_prob=old, teacher_log_prob=rollout[F.TEACHER_LOGP], student_topk_logp=s_lp,
+                     teacher_topk_logp=rollout[F.TEACHER_LOGPROBS][:, P - 1 : P - 1 + R, : ta.topk])
+        want = compute_loss(loss, LossInputs(mask=mask & valid, **{f: every[f] for f in loss_needs(loss)}),
+                            clip_low=ta.clip_low, clip_high=ta.clip_high, loss_agg=ta.loss_agg)
+        want.loss.backward()
+        assert float(want.loss.abs()) > 0
+        torch.testing.assert_close(got, want.loss.detach(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g_got, _grads(model), atol=1e-7, rtol=1e-4)
+        metric = "ta_opd/loss/toy_gap" if loss == "test_toy_sampled" else "ta_opd/loss/toy_ce"
+        from verl.utils.metric import Metric
+
+        got_metrics = {k: Metric.aggregate_dp([v]) for k, v in out["metrics"].items()}  # one rank: sum of SUM shares
+        assert got_metrics[metric] == pytest.approx(want.metrics[metric], rel=1e-5, abs=1e-6)
+        assert got_metrics[f"ta_opd/loss/{loss}"] == pytest.approx(float(want.loss), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "vllm"])
+def test_a_loss_registered_aggregated_only_is_refused_by_name_at_startup(toy_losses, backend):
+    from ta_opd.errors import TAConfigError
+
+    cfg = compose_cfg("ta_opd.loss=test_toy_aggregated", f"ta_opd.teacher.backend={backend}")
+    ta = ta_config(cfg.ta_opd)
+    assert ta.loss == "test_toy_aggregated"  # the CPU backend's config accepts it
+    with pytest.raises(TAConfigError, match=r"ta_opd.loss='test_toy_aggregated' is registered without a per-token "
+                                            r"form, so only the CPU backend can run it.*losses the verl backend runs: "
+                                            r"pg_opd, topk_forward_kl, topk_reverse_kl, test_toy_sampled"):
+        plan(cfg, ta, student_path="unused", teacher_path="unused", vocab_size=VOCAB)

@@ -60,7 +60,8 @@ def score_batch(student, teacher, ro: Rollout, cfg: TAConfig, step: int, vocab_s
     # "exact" the teacher also returns its log-probs at those ids.
     s_top = student_topk(s_valid, topk=cfg.topk, entropy=cfg.entropy, **cfg.stats_chunking())
     extra = s_top.ids if cfg.compatibility == "exact" else None
-    tout = teacher_outputs(t_logits[valid], y, topk=cfg.teacher_topk, extra_ids=extra, chunk_size=cfg.chunk_size)
+    tout = teacher_outputs(t_logits[valid], y, teacher_topk=cfg.teacher_topk, extra_ids=extra,
+                           chunk_size=cfg.chunk_size)
     stats = sparse_position_stats(
         s_valid, tout.topk_ids, tout.topk_logp, topk=cfg.topk, teacher_extra_ids=extra,
         teacher_extra_logp=tout.extra_logp, sampled_ids=y, teacher_sampled_logp=tout.sampled_logp,

@@ -18,9 +18,10 @@ where the setting, method and budget match. A cell without results is shown as m
 markdown, empty in CSV), never as 0; Avg. is missing unless every benchmark has a mean.
 std is the sample standard deviation (ddof = 1) over seeds; the paper does not say which.
 
-Run names (``trainer.experiment_name`` of a training run, see ``run_name``) carry the cell:
-``<setting>__<method>__rho<budget>`` for budgeted selectors, ``<setting>__full`` and
-``<setting>__base`` (the untrained student). Pure pandas / numpy / matplotlib: no verl here.
+Run names (``trainer.experiment_name`` of a training run, see ``run_name``) carry the cell and the
+training seed: ``<setting>__<method>__rho<budget>__seed<s>`` for budgeted selectors,
+``<setting>__full__seed<s>`` and ``<setting>__base`` (the untrained student); names without
+``__seed<s>`` (older runs) still parse. Pure pandas / numpy / matplotlib: no verl here.
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True)
 class RunId:
-    """The Table cell a training run fills: setting, method, budget (None for base / full)."""
+    """The Table cell a training run fills: setting, method, budget (None for base / full), and the
+    training seed (None for base, and for names written before the seed was part of them)."""
 
     setting: str
     method: str
     budget: float | None
+    seed: int | None = None
 
     def __post_init__(self):
         for key in ("setting", "method"):
@@ -89,36 +92,50 @@ class RunId:
                 raise TAConfigError(f"method {self.method!r} has no budget; got budget={self.budget!r}")
         elif self.budget is None or not (0.0 < float(self.budget) <= 1.0):
             raise TAConfigError(f"budget={self.budget!r} is not allowed for method {self.method!r}; it must be in (0, 1]")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise TAConfigError(f"seed={self.seed!r} is not allowed in a run name; it must be an integer >= 0")
+        if self.method == "base" and self.seed is not None:
+            raise TAConfigError(f"method 'base' (the untrained student) has no training seed; got seed={self.seed!r}")
 
     @property
     def name(self) -> str:
-        if self.budget is None:
-            return f"{self.setting}__{self.method}"
-        return f"{self.setting}__{self.method}__rho{_fmt_budget(self.budget)}"
+        parts = [self.setting, self.method]
+        if self.budget is not None:
+            parts.append(f"rho{_fmt_budget(self.budget)}")
+        if self.seed is not None:
+            parts.append(f"seed{self.seed}")
+        return "__".join(parts)
 
 
 def _fmt_budget(b: float) -> str:
     return f"{float(b):.2f}"
 
 
-def run_name(setting: str, method: str, budget: float | None = None) -> str:
-    """``trainer.experiment_name`` for a cell, e.g. ``qwen3_4b_to_qwen3_1p7b__teachability__rho0.10``."""
-    return RunId(setting, method, budget).name
+def run_name(setting: str, method: str, budget: float | None = None, seed: int | None = None) -> str:
+    """``trainer.experiment_name`` for a cell and training seed, e.g.
+    ``qwen3_4b_to_qwen3_1p7b__teachability__rho0.10__seed0`` (``<setting>__full__seed0``; ``<setting>__base``)."""
+    return RunId(setting, method, budget, seed).name
 
 
 def parse_run_name(name: str) -> RunId:
+    """The inverse of :func:`run_name`; a name without ``__seed<s>`` (written before the seed was
+    part of run names) parses with seed None."""
     parts = str(name).split("__")
+    seed = None
+    if len(parts) >= 3 and parts[-1].startswith("seed") and parts[-1][4:].isdigit():
+        seed = int(parts.pop()[4:])
     if len(parts) == 2 and parts[1] in UNBUDGETED:
-        return RunId(parts[0], parts[1], None)
+        return RunId(parts[0], parts[1], None, seed)
     if len(parts) == 3 and parts[2].startswith("rho"):
         try:
             budget = float(parts[2][3:])
         except ValueError:
             budget = None
         if budget is not None:
-            return RunId(parts[0], parts[1], budget)
-    raise TAInputError(f"run name {name!r} does not follow <setting>__<method>__rho<budget> (budgeted selectors) or "
-                       f"<setting>__full / <setting>__base; e.g. {run_name('qwen3_4b_to_qwen3_1p7b', 'teachability', 0.1)}")
+            return RunId(parts[0], parts[1], budget, seed)
+    raise TAInputError(f"run name {name!r} does not follow <setting>__<method>__rho<budget>__seed<s> (budgeted "
+                       f"selectors), <setting>__full__seed<s> or <setting>__base; e.g. "
+                       f"{run_name('qwen3_4b_to_qwen3_1p7b', 'teachability', 0.1, 0)}")
 
 
 def check_benchmarks(names) -> tuple[str, ...]:
@@ -185,7 +202,7 @@ def records_frame(rows: list[dict]) -> pd.DataFrame:
     for key, runs in cell.items():
         if len(runs) > 1:
             raise TAInputError(f"runs {sorted(runs)} all fill the cell setting={key[0]}, method={key[1]}, "
-                               f"budget={key[2]}; keep one run per cell")
+                               f"budget={key[2]} (training seeds are aggregated one at a time); keep one run per cell")
     return df
 
 

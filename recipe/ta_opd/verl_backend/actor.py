@@ -1,7 +1,8 @@
 """verl's ActorRolloutRefWorker with the TA-OPD actor loss installed.
 
-Importing this module registers TA-OPD's losses with verl (``losses``), so every Ray process that
-unpickles the worker class has them before ``init_model`` builds the distillation config.
+Importing this module registers TA-OPD's per-token losses with verl (``losses.register_all``, run
+again when the worker is built), so every Ray process that unpickles the worker class has them
+before ``init_model`` builds the distillation config.
 :func:`actor_worker_class` bakes the TA-OPD settings into a subclass because verl constructs the
 actor with a fixed argument list (config, role, distillation_config).
 """
@@ -26,6 +27,7 @@ class TAOPDActorRolloutRefWorker(ActorRolloutRefWorker):
     ACTOR_DISTILLATION: dict | None = None
 
     def __init__(self, config: DictConfig, role: str, distillation_config=None, **kwargs):
+        L.register_all()  # per-token losses registered in this process since the import (idempotent)
         if self.ACTOR_DISTILLATION is not None:
             distillation_config = OmegaConf.create(self.ACTOR_DISTILLATION)
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)

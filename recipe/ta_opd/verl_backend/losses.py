@@ -1,24 +1,30 @@
 """What TA-OPD registers with verl, and the actor loss wrapper that emits the TA statistics.
 
-Registered distillation losses (``distillation.distillation_loss.loss_mode``), all used with
-``use_policy_gradient=false`` and ``use_task_rewards=false``, so verl's distillation machinery
-aggregates our per-token loss with ``agg_loss`` over ``response_mask`` — which the driver has
-ANDed with the TA mask, so ``token-mean`` is Eq. 7's mean over kept positions, with verl's
-global (all micro-batches, all DP ranks) token count:
+The verl loss modes are derived from the loss registry (``ta_opd.losses``), not listed here: every
+loss registered per token (``register_loss(..., per_token=True)``, a :class:`TokenLoss`
+function) runs on verl as ``distillation.distillation_loss.loss_mode`` = :func:`verl_loss_mode`,
+with ``use_policy_gradient=false`` and ``use_task_rewards=false``, so verl's distillation
+machinery aggregates our per-token loss with ``agg_loss`` over ``response_mask`` — which the
+driver has ANDed with the TA mask, so ``token-mean`` is Eq. 7's mean over kept positions, with
+verl's global (all micro-batches, all DP ranks) token count. A loss registered aggregated only
+is refused by name at startup (``validate.plan`` calls :func:`verl_loss_mode`).
 
-- ``ta_opd_pg``: sampled-token PG-OPD, the per-token PPO-clipped surrogate with advantage
-  A_t = -(log π_old(y_t) - log π_T(y_t)) (``ta_opd.losses.pg_opd_token_loss``; plain clipping,
-  no dual clip; verl's own PG path only allows its dual-clip "vanilla" loss). Registered as an
-  estimator loss: the FSDP teacher ships log π_T(y_t) in ``ta_opd_teacher_logp``.
-- ``ta_opd_pg_topk``: the same loss, registered as a top-K loss so that verl's native vLLM
-  teacher is asked for ``prompt_logprobs = K'`` (``teacher_backend=vllm``).
-- ``ta_opd_topk_forward_kl`` / ``ta_opd_topk_reverse_kl``: KL on K + 1 bins, the teacher's top-K
-  ids plus one rest bin, with the student's full-vocabulary probabilities
-  (``ta_opd.losses.topk_kl_per_token``; docs/losses.md), computed in the logits processor of the
-  update forward.
+Where the LossInputs a loss declares (``loss_needs``) are computed:
 
-Metrics: every micro-batch returns the same keys (verl's ``Metric.aggregate_dp`` needs as many
-values per key on every DP rank). Ours are ``SUM`` metrics of (local sum over kept tokens) ·
+- sampled path, needs within log π_θ(y_t), log π_old(y_t), log π_T(y_t) (``pg_opd``): in verl's
+  final loss, from verl's own ``log_probs``, ``old_log_probs`` and the teacher's
+  ``ta_opd_teacher_logp``. Mode ``ta_opd_<loss>`` (an estimator loss: the FSDP teacher ships
+  log π_T(y_t)), or ``ta_opd_<loss>_topk`` with the vLLM teacher (a top-K loss, so that verl's
+  native vLLM teacher is asked for ``prompt_logprobs = K'``).
+- logits path, any top-K field (``topk_forward_kl``, ``topk_reverse_kl``): in the logits processor
+  of the update forward, at the kept rows, in chunks under activation checkpointing (no (N, V)
+  fp32 copy is kept): the student's full-vocabulary log-probs at the teacher's top-K ids and its
+  rest mass (``topk_logp_and_rest``), the teacher's top-K log-probs, and any sampled-token field
+  (log π_θ(y_t) from the same logits). Mode ``ta_opd_<loss>`` (a top-K loss) on both backends.
+
+Metrics: ``ta_opd/loss/<loss>`` and the loss's own per-token metrics, each the global mean over kept
+tokens. Every micro-batch returns the same keys (verl's ``Metric.aggregate_dp`` needs as many
+values per key on every DP rank). They are ``SUM`` metrics of (local sum over kept tokens) ·
 dp_size / (global kept tokens), so verl's aggregation (mean over ranks, sum over micro-batches)
 gives the exact global token mean, and a micro-batch with no kept position reports exactly 0.
 
@@ -31,11 +37,13 @@ verl's ``distillation_ppo_loss``.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 
 from verl.trainer.distillation.losses import (
+    DISTILLATION_LOSS_REGISTRY,
     DistillationLossSettings,
     distillation_ppo_loss,
     get_distillation_loss_fn,
@@ -47,44 +55,92 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from recipe.ta_opd.verl_backend import fields as F
 from ta_opd.config import TAConfig
-from ta_opd.errors import TAInputError
-from ta_opd.losses import pg_opd_token_loss, topk_kl_per_token, topk_logp_and_rest
+from ta_opd.errors import TAConfigError, TAInputError
+from ta_opd.losses import LossInputs, get_token_loss, loss_needs, per_token_losses, topk_logp_and_rest
 from ta_opd.stats import PositionStats, sparse_position_stats
 
-PG = "ta_opd_pg"
-PG_TOPK = "ta_opd_pg_topk"
-FORWARD_KL = "ta_opd_topk_forward_kl"
-REVERSE_KL = "ta_opd_topk_reverse_kl"
-# ta_opd.loss -> the registered verl loss mode, per teacher backend
-LOSS_MODES = {
-    ("pg_opd", "fsdp"): PG, ("pg_opd", "vllm"): PG_TOPK,
-    ("topk_forward_kl", "fsdp"): FORWARD_KL, ("topk_forward_kl", "vllm"): FORWARD_KL,
-    ("topk_reverse_kl", "fsdp"): REVERSE_KL, ("topk_reverse_kl", "vllm"): REVERSE_KL,
-}
-TOPK_KL_OUTPUT = "ta_opd_topk_kl"  # per-token model outputs of the top-K losses' processor
-TOPK_MASS_OUTPUT = "ta_opd_student_topk_mass"  # the student's mass on the teacher's top-K (no gradient)
+# LossInputs fields the final loss can build from verl's batch; any other field needs the logits
+SAMPLED_FIELDS = ("log_prob", "old_log_prob", "teacher_log_prob")
+TOKEN_LOSS_OUTPUT = "ta_opd_token_loss"  # the logits path's per-token loss (processor output)
+TOKEN_METRIC_PREFIX = "ta_opd_token_metric:"  # + metric name: its per-token values (no gradient)
+# registered verl loss mode -> (the ta_opd loss it runs, whether it runs on the logits path)
+_MODES: dict[str, tuple[str, bool]] = {}
+
+
+def on_logits_path(loss: str) -> bool:
+    """Whether registered loss ``loss`` reads a field only the update forward's logits give."""
+    return not set(loss_needs(loss)) <= set(SAMPLED_FIELDS)
+
+
+def verl_loss_mode(loss: str, teacher_backend: str) -> str:
+    """The verl distillation loss mode that runs registered ta_opd loss ``loss`` with this teacher
+    backend (``fsdp`` | ``vllm``), registered with verl on first use (idempotent). Raises
+    ``TAConfigError`` naming the loss when it has no per-token form."""
+    if get_token_loss(loss) is None:
+        raise TAConfigError(
+            f"ta_opd.loss={loss!r} is registered without a per-token form, so only the CPU backend can run it: verl "
+            f"aggregates per-token losses itself. Register it with register_loss({loss!r}, needs=..., per_token=True) "
+            f"returning a ta_opd.losses.TokenLoss; losses the verl backend runs: {', '.join(per_token_losses())}")
+    logits = on_logits_path(loss)
+    use_topk = logits or teacher_backend == "vllm"  # vLLM teacher: verl asks it for prompt_logprobs = K'
+    mode = f"ta_opd_{loss}" + ("_topk" if use_topk and not logits else "")
+    if _MODES.get(mode) == (loss, logits):
+        return mode
+    if mode in DISTILLATION_LOSS_REGISTRY:
+        raise TAConfigError(f"ta_opd.loss={loss!r} maps to verl loss mode {mode!r}, which another loss has registered "
+                            "with verl already; rename the loss")
+    fn = partial(_logits_loss if logits else _sampled_loss, loss=loss)
+    register_distillation_loss(DistillationLossSettings(names=[mode], use_topk=use_topk,
+                                                        use_estimator=not use_topk))(fn)
+    _MODES[mode] = (loss, logits)
+    return mode
+
+
+def register_all() -> None:
+    """Register every per-token ta_opd loss with verl, for both teacher backends (idempotent:
+    every process imports this module, and the import registers before any DistillationConfig is
+    built; Ray workers also run it as their setup hook)."""
+    for loss in per_token_losses():
+        for backend in ("fsdp", "vllm"):
+            verl_loss_mode(loss, backend)
 
 
 def _padded(x: torch.Tensor, fill=0.0) -> torch.Tensor:
     return x.to_padded_tensor(fill) if x.is_nested else x
 
 
-def _pg_opd(config, distillation_config, model_output: dict, data) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(B, R) per-token PG-OPD surrogate; gradient through the current log-probs."""
-    log_prob = no_padding_2_padding(model_output["log_probs"], data)  # (B, R)
-    old = _padded(data["old_log_probs"]).to(log_prob.dtype)
-    teacher = _padded(data[F.TEACHER_LOGP]).to(log_prob.dtype)
+def _sampled_loss(config, distillation_config, model_output: dict, data, *, loss: str) -> tuple[torch.Tensor, dict]:
+    """(B, R) per-token loss of a sampled-path loss; gradient through verl's current log-probs."""
+    needs = loss_needs(loss)
+    mask = _padded(data["response_mask"], 0).bool()  # (B, R) kept positions
+    fields: dict[str, torch.Tensor] = {}
+    if "log_prob" in needs:
+        fields["log_prob"] = no_padding_2_padding(model_output["log_probs"], data)  # (B, R)
+    dtype = fields["log_prob"].dtype if fields else torch.float32
+    if "old_log_prob" in needs:
+        fields["old_log_prob"] = _padded(data["old_log_probs"]).to(dtype)  # (B, R)
+    if "teacher_log_prob" in needs:
+        fields["teacher_log_prob"] = _padded(data[F.TEACHER_LOGP]).to(dtype)  # (B, R)
+    cfg = distillation_config.distillation_loss
+    out = get_token_loss(loss)(LossInputs(mask=mask, **fields), clip_low=cfg.clip_ratio_low,
+                               clip_high=cfg.clip_ratio_high)
+    return out.loss, _token_metrics(loss, out.loss, out.metrics, mask, data)
+
+
+def _logits_loss(config, distillation_config, model_output: dict, data, *, loss: str) -> tuple[torch.Tensor, dict]:
+    """(B, R) per-token loss of a logits-path loss, computed by the processor (token_loss_outputs)."""
+    per_token = no_padding_2_padding(model_output[TOKEN_LOSS_OUTPUT], data)  # (B, R)
+    metrics = {k[len(TOKEN_METRIC_PREFIX):]: no_padding_2_padding(v, data)
+               for k, v in model_output.items() if k.startswith(TOKEN_METRIC_PREFIX)}
     mask = _padded(data["response_mask"], 0).bool()
-    loss_cfg = distillation_config.distillation_loss
-    per_token, clipped, log_ratio = pg_opd_token_loss(
-        log_prob, old, -(old - teacher), mask, clip_low=loss_cfg.clip_ratio_low, clip_high=loss_cfg.clip_ratio_high)
-    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-    metrics = {
-        "ta_opd/loss/clipfrac": _global_token_mean(clipped.float(), mask, data),
-        "ta_opd/loss/sampled_kl": _global_token_mean(old - teacher, mask, data),
-        "ta_opd/loss/ppo_kl": _global_token_mean(-log_ratio, mask, data),
-    }
-    return per_token, metrics
+    return per_token, _token_metrics(loss, per_token, metrics, mask, data)
+
+
+def _token_metrics(loss: str, per_token: torch.Tensor, metrics: dict[str, torch.Tensor], mask: torch.Tensor,
+                   data) -> dict[str, Metric]:
+    """``ta_opd/loss/<loss>`` and the loss's per-token metrics, each a global mean over kept tokens."""
+    return {f"ta_opd/loss/{loss}": _global_token_mean(per_token, mask, data),
+            **{k: _global_token_mean(v, mask, data) for k, v in sorted(metrics.items())}}
 
 
 def _global_token_mean(x: torch.Tensor, mask: torch.Tensor, data) -> Metric:
@@ -94,14 +150,6 @@ def _global_token_mean(x: torch.Tensor, mask: torch.Tensor, data) -> Metric:
     n_global = max(int(tu.get_non_tensor_data(data=data, key="batch_num_tokens", default=int(mask.sum()))), 1)
     local = torch.where(mask, x.detach().float(), torch.zeros((), device=x.device)).sum()  # where: NaN never leaks
     return Metric(AggregationType.SUM, local * dp_size / n_global)  # max(., 1): no kept token anywhere -> 0
-
-
-def _topk_kl(config, distillation_config, model_output: dict, data) -> tuple[torch.Tensor, dict[str, Any]]:
-    per_token = no_padding_2_padding(model_output[TOPK_KL_OUTPUT], data)
-    mass = no_padding_2_padding(model_output[TOPK_MASS_OUTPUT], data)
-    mask = _padded(data["response_mask"], 0).bool()
-    return per_token, {"ta_opd/loss/topk_kl": _global_token_mean(per_token, mask, data),
-                       "ta_opd/loss/student_topk_mass": _global_token_mean(mass, mask, data)}
 
 
 def empty_micro_batch_metrics(loss_metrics: dict[str, Any]) -> dict[str, Any]:
@@ -114,18 +162,6 @@ def empty_micro_batch_metrics(loss_metrics: dict[str, Any]) -> dict[str, Any]:
             "distillation/loss_min": Metric(AggregationType.MIN, float("inf")),
             "distillation/loss_max": Metric(AggregationType.MAX, float("-inf")),
             "distillation/loss": Metric(AggregationType.SUM, 0.0)}
-
-
-def register_all() -> None:
-    """Register TA-OPD's losses with verl (idempotent: every process imports this module, and
-    the import registers before any DistillationConfig is built)."""
-    from verl.trainer.distillation.losses import DISTILLATION_LOSS_REGISTRY
-
-    if PG in DISTILLATION_LOSS_REGISTRY:
-        return
-    register_distillation_loss(DistillationLossSettings(names=[PG], use_estimator=True))(_pg_opd)
-    register_distillation_loss(DistillationLossSettings(names=[PG_TOPK], use_topk=True))(_pg_opd)
-    register_distillation_loss(DistillationLossSettings(names=[FORWARD_KL, REVERSE_KL], use_topk=True))(_topk_kl)
 
 
 register_all()
@@ -164,29 +200,60 @@ def statistics_outputs(student_logits: torch.Tensor, data, cfg: TAConfig, vocab_
     return out
 
 
-def topk_kl_outputs(student_logits: torch.Tensor, data, cfg: TAConfig, vocab_size: int, *,
-                    reverse: bool) -> dict[str, torch.Tensor]:
-    """Per-token top-K KL (with gradient) on the teacher's top-K (its first K of K'), (1, nnz)."""
-    nnz = student_logits.shape[1]
-    rows, t_ids, t_lp = _rows_and_teacher(student_logits, data)
-    out = torch.zeros(1, nnz, dtype=torch.float32, device=student_logits.device)
-    if rows.numel() == 0:
-        return {TOPK_KL_OUTPUT: out + 0.0 * student_logits.sum(), TOPK_MASS_OUTPUT: out.clone()}
-    ids = t_ids[:, : cfg.topk].long().to(student_logits.device)
-    t_lp = t_lp[:, : cfg.topk].to(student_logits.device)
+def token_loss_outputs(student_logits: torch.Tensor, data, cfg: TAConfig, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The per-token loss of logits-path loss ``cfg.loss`` (with gradient) and its per-token
+    metrics, each (1, nnz): computed at the kept rows only, zeros elsewhere. The declared
+    LossInputs are built per chunk of rows as a (1, n) batch: the student's full-vocabulary
+    log-probs at the teacher's top-K ids (its first K of K') and rest mass, the teacher's top-K
+    log-probs, log π_θ(y_t) from the same logits (every logit row, as verl's ``log_probs``),
+    log π_old(y_t) and log π_T(y_t) from the batch.
+    student_logits: (1, nnz, V_model) packed."""
+    needs, token_fn = loss_needs(cfg.loss), get_token_loss(cfg.loss)
+    dev = student_logits.device
+    rows, t_ids, t_lp = _rows_and_teacher(student_logits, data)  # (N,), (N, K'), (N, K')
+    ids = t_ids[:, : cfg.topk].long().to(dev)  # (N, K)
+    t_lp = t_lp[:, : cfg.topk].to(dev)  # (N, K)
     _check_teacher_rows(t_lp, rows)
+    kept = _padded(data["response_mask"], 0).bool()  # (B, R); row-major order = the order of rows
+    given = [n for n in ("old_log_prob", "teacher_log_prob") if n in needs]
+    from_batch = [_padded(data[{"old_log_prob": "old_log_probs", "teacher_log_prob": F.TEACHER_LOGP}[n]])[kept]
+                  .float().to(dev) for n in given]  # (N,) each
+    # (N,) y_t, the token row t scores (the next packed token); unused (rows stand in) without log_prob
+    sampled = data["input_ids"].values().to(dev)[rows + 1] if "log_prob" in needs else rows
 
-    def chunk_kl(logits, r, i, t):  # recomputed in backward: no (N, V) fp32 copy is kept
-        s_lp, s_rest = topk_logp_and_rest(logits[0, r, :vocab_size], i)  # (n, K), (n,)
-        return torch.stack([topk_kl_per_token(s_lp, s_rest, t, reverse=reverse), -torch.expm1(s_rest.detach())])
+    def chunk(logits, r, i, t, y, *batch_fields):  # recomputed in backward: no (N, V) fp32 copy is kept
+        x_model = logits[0, r]  # (n, V_model)
+        x = x_model[:, :vocab_size]  # (n, V): the shared vocabulary
+        f = {name: v.unsqueeze(0) for name, v in zip(given, batch_fields)}  # (1, n) each
+        if {"student_topk_logp", "student_rest_logp"} & set(needs):
+            s_lp, s_rest = topk_logp_and_rest(x, i)  # (n, K), (n,)
+            for name, v in (("student_topk_logp", s_lp), ("student_rest_logp", s_rest)):
+                if name in needs:  # an undeclared field stays None, as on the CPU backend
+                    f[name] = v.unsqueeze(0)
+        if "teacher_topk_logp" in needs:
+            f["teacher_topk_logp"] = t.unsqueeze(0)  # (1, n, K)
+        if "log_prob" in needs:  # over every logit row, as verl's own log_probs (the sampled path's)
+            xf = x_model.float()
+            f["log_prob"] = (xf.gather(-1, y.long().unsqueeze(-1)).squeeze(-1) - xf.logsumexp(-1)).unsqueeze(0)
+        out = token_fn(LossInputs(mask=torch.ones(1, r.numel(), dtype=torch.bool, device=dev), **f),
+                       clip_low=cfg.clip_low, clip_high=cfg.clip_high)
+        return out.loss[0].float(), {k: v[0].detach().float() for k, v in out.metrics.items()}
 
     from torch.utils.checkpoint import checkpoint
 
-    step = cfg.chunk_size
-    kl, mass = torch.cat([checkpoint(chunk_kl, student_logits, rows[a:a + step], ids[a:a + step], t_lp[a:a + step],
-                                     use_reentrant=False) for a in range(0, rows.numel(), step)], dim=1)
+    n, step = rows.numel(), cfg.chunk_size
+    parts = [checkpoint(chunk, student_logits, rows[a:a + step], ids[a:a + step], t_lp[a:a + step],
+                        sampled[a:a + step], *(v[a:a + step] for v in from_batch), use_reentrant=False)
+             for a in range(0, max(n, 1), step)]  # n = 0: one empty chunk, for the metric names
+    zeros = torch.zeros(1, student_logits.shape[1], dtype=torch.float32, device=dev)
     at = (torch.zeros_like(rows), rows)
-    return {TOPK_KL_OUTPUT: out.index_put(at, kl), TOPK_MASS_OUTPUT: out.index_put(at, mass.detach())}
+    loss = zeros.index_put(at, torch.cat([p[0] for p in parts]))
+    if n == 0:  # still a function of the logits: every FSDP rank runs the same backward collectives
+        loss = loss + 0.0 * student_logits.sum()
+    out = {TOKEN_LOSS_OUTPUT: loss}
+    for key in parts[0][1]:
+        out[TOKEN_METRIC_PREFIX + key] = zeros.index_put(at, torch.cat([p[1][key] for p in parts]))
+    return out
 
 
 def _check_teacher_rows(t_lp: torch.Tensor, rows: torch.Tensor) -> None:
@@ -201,11 +268,15 @@ def _check_teacher_rows(t_lp: torch.Tensor, rows: torch.Tensor) -> None:
 
 def update_flags(loss_mode: str) -> dict[str, bool]:
     """The engine flags of the update forward for a registered loss mode. verl derives them from its
-    global distillation switch and the loss's top-K setting, which fits neither of our cases: the
-    PG losses need the current log-probs (verl would skip them for a top-K loss without policy
-    gradient) and no logits processor; the top-K losses need the processor and nothing else."""
-    topk = loss_mode in (FORWARD_KL, REVERSE_KL)
-    return {"distillation_use_topk": topk, "distillation_only": topk}
+    global distillation switch and the loss's top-K setting, which fits neither of our paths: the
+    sampled path needs verl's current log-probs (verl would skip them for a top-K loss without
+    policy gradient) and no logits processor; the logits path needs the processor and nothing else
+    (it computes log π_θ(y_t) itself when the loss reads it)."""
+    if loss_mode not in _MODES:
+        raise TAConfigError(f"verl loss mode {loss_mode!r} was not registered by TA-OPD; registered: "
+                            f"{', '.join(sorted(_MODES))}")
+    logits = _MODES[loss_mode][1]
+    return {"distillation_use_topk": logits, "distillation_only": logits}
 
 
 def ta_opd_actor_loss(*, inner, cfg: TAConfig, vocab_size: int, loss_mode: str, model_output=None, data=None,
@@ -216,8 +287,8 @@ def ta_opd_actor_loss(*, inner, cfg: TAConfig, vocab_size: int, loss_mode: str, 
     if student_logits is not None:  # called as logits processor
         if phase == F.PHASE_STATS:
             return statistics_outputs(student_logits, data, cfg, vocab_size)
-        if loss_mode in (FORWARD_KL, REVERSE_KL):
-            return topk_kl_outputs(student_logits, data, cfg, vocab_size, reverse=loss_mode == REVERSE_KL)
+        if _MODES[loss_mode][1]:
+            return token_loss_outputs(student_logits, data, cfg, vocab_size)
         return {}
     if phase == F.PHASE_STATS:
         return torch.zeros((), device=_any_tensor(model_output).device), {}
@@ -240,9 +311,11 @@ def _any_tensor(model_output: dict, grad: bool = False) -> torch.Tensor:
 
 def make_actor_loss(actor_config, distillation_config, cfg: TAConfig, vocab_size: int):
     """verl's distillation PPO loss for this actor, wrapped (see :func:`ta_opd_actor_loss`)."""
-    from functools import partial
-
+    loss_mode = distillation_config.distillation_loss.loss_mode
+    if _MODES.get(loss_mode, (None,))[0] != cfg.loss:
+        raise TAConfigError(f"verl loss mode {loss_mode!r} does not run ta_opd.loss={cfg.loss!r} (registered TA-OPD "
+                            f"modes: {_MODES}); build the distillation config with validate.plan")
     inner = partial(distillation_ppo_loss, config=actor_config, distillation_config=distillation_config)
     return partial(ta_opd_actor_loss, inner=inner, cfg=cfg, vocab_size=vocab_size,
-                   loss_mode=distillation_config.distillation_loss.loss_mode, actor_config=actor_config,
+                   loss_mode=loss_mode, actor_config=actor_config,
                    distillation_config=distillation_config)

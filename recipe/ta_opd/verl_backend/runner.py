@@ -3,22 +3,26 @@
 Follows verl's recipe pattern: subclass the task runner, build our trainer, ``init_workers()``,
 ``fit()``. Differences from verl's ``TaskRunner.run``: the actor role uses our worker class (TA
 settings baked in), the teacher pool is added for the FSDP teacher, and the trainer is
-:class:`TAOPDRayTrainer`. Ray starts with verl's runtime env plus a worker setup hook that
-registers TA-OPD's losses in every worker process (verl's agent-loop and teacher workers build
-distillation configs too).
+:class:`TAOPDRayTrainer`. ``run_verl`` launches through verl's own ``run_ppo`` (its
+determinism variables, runtime env and Ray start), adding to the runtime env a worker setup hook
+that registers TA-OPD's losses in every worker process (verl's agent-loop and teacher workers
+build distillation configs too); the Ray cluster is checked first thing in the runner.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import ray
-from omegaconf import OmegaConf
+import ray.exceptions
+from omegaconf import OmegaConf, open_dict
 
 from verl.trainer.main_ppo_v0 import BaseTaskRunner
 
 from recipe.ta_opd.verl_backend.validate import VerlPlan
+from ta_opd.errors import TAConfigError
 
 TEACHER_POOL = "ta_opd_teacher_pool"
 SETUP_HOOK = "recipe.ta_opd.verl_backend.losses.register_all"
@@ -51,14 +55,21 @@ class TAOPDTaskRunner(BaseTaskRunner):
                 mgr.mapping[Role.TeacherModel] = TEACHER_POOL
         return mgr
 
-    def run(self, config, plan: VerlPlan):
+    PLAN: VerlPlan | None = None  # set by runner_class
+
+    def run(self, config, plan: VerlPlan | None = None):
+        from verl.plugin.platform.platform_manager import get_platform
         from verl.trainer.ppo.utils import create_rl_dataset, create_rl_sampler, need_critic, need_reference_policy
         from verl.utils.config import omega_conf_to_dataclass, validate_config
         from verl.utils.dataset.rl_dataset import collate_fn
 
         from recipe.ta_opd.verl_backend.trainer import TAOPDRayTrainer, VerlSettings
+        from recipe.ta_opd.verl_backend.validate import check_cluster
 
-        self.plan = plan
+        self.plan = plan = plan or self.PLAN
+        # before any data or model loads; free resources: this runner's own CPU is already taken
+        check_cluster(plan.pools, ray.nodes(), get_platform().ray_resource_name(),
+                      available=ray._private.state.available_resources_per_node())
         OmegaConf.resolve(config)
         _, wg_cls = self.add_actor_rollout_worker(config)
         self.add_reward_model_resource_pool(config)
@@ -83,28 +94,50 @@ class TAOPDTaskRunner(BaseTaskRunner):
         trainer.fit()
 
 
+def add_recipe_runtime_env(config) -> None:
+    """Put into ``ray_kwargs.ray_init.runtime_env`` what every Ray process of the recipe needs:
+    this repository on PYTHONPATH and the loss-registration setup hook. verl's ``run_ppo`` merges
+    it over verl's own runtime env (``get_ppo_ray_runtime_env``)."""
+    paths = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO_ROOT]
+    ours = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)},
+            "worker_process_setup_hook": os.environ.get(SETUP_HOOK_ENV) or SETUP_HOOK}
+    with open_dict(config):
+        if config.ray_kwargs.get("ray_init") is None:
+            config.ray_kwargs.ray_init = {}
+        init = config.ray_kwargs.ray_init
+        init.runtime_env = OmegaConf.merge(init.get("runtime_env") or {}, ours)
+
+
 def ray_runtime_env(config) -> dict:
-    """verl's PPO runtime env + this repository on PYTHONPATH + the loss-registration hook."""
+    """The runtime env verl's ``run_ppo`` passes to ``ray.init`` for this config (tests start Ray
+    with it): verl's PPO runtime env merged with :func:`add_recipe_runtime_env`'s."""
     from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
 
-    env = OmegaConf.to_container(OmegaConf.merge(
-        get_ppo_ray_runtime_env(config), config.ray_kwargs.get("ray_init", {}).get("runtime_env", {})), resolve=True)
-    env.setdefault("env_vars", {})
-    paths = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO_ROOT]
-    env["env_vars"]["PYTHONPATH"] = os.pathsep.join(paths)
-    env["worker_process_setup_hook"] = os.environ.get(SETUP_HOOK_ENV) or SETUP_HOOK
-    return {k: v for k, v in env.items() if v is not None}  # e.g. verl's py_executable: null
+    config = copy.deepcopy(config)
+    add_recipe_runtime_env(config)
+    env = OmegaConf.to_container(OmegaConf.merge(get_ppo_ray_runtime_env(config), config.ray_kwargs.ray_init.runtime_env),
+                                 resolve=True)
+    return {k: v for k, v in env.items() if v is not None}  # e.g. verl's working_dir: null
+
+
+def runner_class(plan: VerlPlan):
+    """The Ray task runner with this run's plan baked in (verl's ``run_ppo`` calls ``run(config)``)."""
+    return ray.remote(num_cpus=1)(type("TAOPDTaskRunner", (TAOPDTaskRunner,), {"PLAN": plan, "__module__": __name__}))
 
 
 def run_verl(config, plan: VerlPlan) -> None:
-    from verl.plugin.platform.platform_manager import get_platform
+    """Train through verl's own ``run_ppo`` (its determinism environment, runtime env, Ray start,
+    profiling options) with our task runner. The run identity is checked and the folder locked
+    first, before Ray starts (a no-op when the entry point already did it)."""
+    from verl.trainer.main_ppo import run_ppo
 
-    from recipe.ta_opd.verl_backend.validate import check_cluster
+    from recipe.ta_opd.verl_backend.identity import check_and_claim
 
-    if not ray.is_initialized():
-        kwargs = OmegaConf.to_container(config.ray_kwargs.get("ray_init", {}), resolve=True)
-        kwargs["runtime_env"] = ray_runtime_env(config)
-        ray.init(**kwargs)
-    check_cluster(plan.pools, ray.nodes(), get_platform().ray_resource_name())  # before any data or model loads
-    runner = ray.remote(num_cpus=1)(TAOPDTaskRunner).remote()
-    ray.get(runner.run.remote(config, plan))
+    check_and_claim(config)
+    add_recipe_runtime_env(config)
+    try:
+        run_ppo(config, task_runner_class=runner_class(plan))
+    except ray.exceptions.RayTaskError as e:  # a startup refusal inside the runner (check_cluster): exit 2
+        if isinstance(getattr(e, "cause", None), TAConfigError):
+            raise e.cause from None
+        raise

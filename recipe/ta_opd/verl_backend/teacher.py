@@ -29,6 +29,7 @@ from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 
 from recipe.ta_opd.verl_backend import fields as F
+from ta_opd._checks import is_int
 from ta_opd.errors import TAConfigError
 from ta_opd.rollout import response_slice
 from ta_opd.teacher_outputs import teacher_outputs
@@ -46,7 +47,7 @@ def _dtype(name: str, key: str) -> torch.dtype:
 class TeacherWorkerConfig:
     model_path: str
     vocab_size: int  # shared tokenizer vocabulary; logits beyond it are padding rows, sliced off
-    topk: int = 64  # K'
+    teacher_topk: int = 64  # K': ids/log-probs shipped per response position
     micro_batch_size: int = 4  # sequences per teacher forward
     chunk_size: int = 64  # positions per chunk of the log-softmax / top-K' pass
     param_dtype: str = "bfloat16"
@@ -57,9 +58,9 @@ class TeacherWorkerConfig:
     def __post_init__(self):
         _dtype(self.param_dtype, "ta_opd.teacher.param_dtype")
         _dtype(self.logp_dtype, "ta_opd.teacher.logp_dtype")
-        for name in ("topk", "micro_batch_size", "chunk_size", "vocab_size", "timeout_s"):
+        for name in ("teacher_topk", "micro_batch_size", "chunk_size", "vocab_size", "timeout_s"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise TAConfigError(f"teacher {name}={v!r} is not allowed; it must be an integer >= 1")
 
 
@@ -131,8 +132,8 @@ def compute_teacher_fields(model: torch.nn.Module, batch: dict[str, torch.Tensor
     safe_ids = torch.where(valid, responses, torch.zeros_like(responses))  # (B, R) in [0, V)
     logp_dtype = _dtype(cfg.logp_dtype, "ta_opd.teacher.logp_dtype")
     out = {
-        F.TEACHER_IDS: torch.zeros(B, S, cfg.topk, dtype=torch.int32),
-        F.TEACHER_LOGPROBS: torch.zeros(B, S, cfg.topk, dtype=logp_dtype),
+        F.TEACHER_IDS: torch.zeros(B, S, cfg.teacher_topk, dtype=torch.int32),
+        F.TEACHER_LOGPROBS: torch.zeros(B, S, cfg.teacher_topk, dtype=logp_dtype),
         F.TEACHER_LOGP: torch.zeros(B, R, dtype=torch.float32),
         F.TEACHER_ENTROPY: torch.zeros(B, R, dtype=torch.float32),
     }
@@ -149,7 +150,7 @@ def compute_teacher_fields(model: torch.nn.Module, batch: dict[str, torch.Tensor
             if not bool(vi.any()):
                 continue
             n = int(vi.nonzero().max()) + 1  # a view up to the last valid position: no (N, V) copy
-            tout = teacher_outputs(logits[i, :n], safe_ids[a + i, :n].to(logits.device), topk=cfg.topk,
+            tout = teacher_outputs(logits[i, :n], safe_ids[a + i, :n].to(logits.device), teacher_topk=cfg.teacher_topk,
                                    chunk_size=cfg.chunk_size, logp_dtype=logp_dtype)
             keep = vi[:n]
             row = response_slice(P, n)

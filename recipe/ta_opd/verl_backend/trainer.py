@@ -1,14 +1,16 @@
-"""The v0 ``RayPPOTrainer`` with four methods overridden; ``fit()`` is verl's, untouched.
+"""The v0 ``RayPPOTrainer`` with five methods overridden; ``fit()`` is verl's, untouched.
 
 - ``init_workers``: verl's workers, plus the FSDP teacher worker group on the teacher pool.
 - ``_compute_old_log_prob``: teacher fields (FSDP worker group, or derived from verl's vLLM
-  teacher output), then the old-log-prob forward with the TA statistics emitted by the actor's
-  logits processor — the same forward verl runs anyway, so no extra student pass.
+  teacher output), then verl's own method, whose old-log-prob forward also emits the TA
+  statistics through the actor's logits processor — the same forward verl runs anyway, so no
+  extra student pass, and whatever verl returns (MoE router replay, ``sum_pi_squared``) is kept.
 - ``_update_actor``: normalization + budget selection over the WHOLE batch on the driver (the
   driver holds every data-parallel rank's rows, so selection is global by construction), the
   mask ANDed into ``response_mask`` for the update (verl counts the loss denominator from it),
   then verl's update; the TA metrics join the actor's.
 - ``_log_rollout_data``: verl's JSONL dump plus the rollouts as a diagnostic context bank.
+- ``_save_checkpoint``: the run identity into the checkpoint folder, then verl's save.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from verl.protocol import DataProtoConfig
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 from verl.trainer.ppo.utils import Role
 from verl.utils import tensordict_utils as tu
-from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
+from verl.workers.utils.padding import no_padding_2_padding
 
 from recipe.ta_opd.verl_backend import fields as F
 from recipe.ta_opd.verl_backend.losses import update_flags
@@ -108,6 +110,29 @@ def log_score_histogram(scores: torch.Tensor, step: int) -> None:
         wandb.log({"ta_opd/score_hist": wandb.Histogram(scores.float().numpy())}, step=step, commit=False)
 
 
+class StatsPass:
+    """The actor worker group as verl's ``_compute_old_log_prob`` sees it during the statistics
+    pass: ``compute_log_prob`` also runs the TA statistics hook (the actor loss as logits processor,
+    fed the teacher's fields) and keeps the per-token statistics, unpadded to (B, R), in ``stats``;
+    every other attribute is the real worker group's. verl's body stays verl's."""
+
+    def __init__(self, wg):
+        self._wg = wg
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._wg, name)
+
+    def compute_log_prob(self, batch_td):
+        tu.assign_non_tensor(batch_td, compute_loss=True, distillation_use_topk=True, distillation_only=False,
+                             **{F.PHASE: F.PHASE_STATS})
+        output = self._wg.compute_log_prob(batch_td)
+        for name in PositionStats.SCALARS:
+            key = F.stat_key(name)
+            self.stats[key] = no_padding_2_padding(tu.get(output, key), batch_td).float()  # (B, R)
+        return output
+
+
 class TAOPDRayTrainer(RayPPOTrainer):
     def __init__(self, *args, ta_cfg: TAConfig, ta_settings: VerlSettings, **kwargs):
         super().__init__(*args, **kwargs)
@@ -142,6 +167,9 @@ class TAOPDRayTrainer(RayPPOTrainer):
         write_step(rollout_data_dir, int(self.global_steps), bank_records(batch, decode, int(self.global_steps)))
 
     def _compute_old_log_prob(self, batch: DataProto):
+        """Teacher fields, then verl's own ``_compute_old_log_prob`` (everything it returns: old
+        log-probs, entropy, MoE ``routed_experts``, ``sum_pi_squared``) with the actor's
+        ``compute_log_prob`` asked to also emit the TA statistics (:class:`StatsPass`)."""
         t0 = time.perf_counter()
         self._ta_response_mask, metrics = exclude_invalid_sampled(batch, self.ta.vocab_size)
         if self.ta.teacher_backend == "fsdp":
@@ -150,20 +178,25 @@ class TAOPDRayTrainer(RayPPOTrainer):
         else:  # vLLM teacher: top-K' arrived with the rollout
             metrics.update(teacher_logp_from_topk(batch, self.ta.vocab_size))
         t1 = time.perf_counter()
-        batch_td = left_right_2_no_padding(batch.to_tensordict())
-        tu.assign_non_tensor(batch_td, calculate_entropy=True, compute_loss=True, distillation_use_topk=True,
-                             distillation_only=False, **{F.PHASE: F.PHASE_STATS})
-        output = self.actor_rollout_wg.compute_log_prob(batch_td)
-        result = {"old_log_probs": no_padding_2_padding(tu.get(output, "log_probs"), batch_td).float(),
-                  "entropys": no_padding_2_padding(tu.get(output, "entropy"), batch_td).float()}
-        for name in PositionStats.SCALARS:
-            key = F.stat_key(name)
-            result[key] = no_padding_2_padding(tu.get(output, key), batch_td).float()
+        wg = self.actor_rollout_wg
+        self.actor_rollout_wg = stats_pass = StatsPass(wg)
+        try:
+            old_log_prob, mfu = super()._compute_old_log_prob(batch)
+        finally:
+            self.actor_rollout_wg = wg
+        old_log_prob.batch.update(stats_pass.stats)
         metrics["ta_opd/timing/teacher_s"] = t1 - t0
         metrics["ta_opd/timing/stats_forward_s"] = time.perf_counter() - t1
         self._ta_metrics = metrics
-        mfu = tu.get(output, "metrics")["mfu"]
-        return DataProto.from_tensordict(tu.get_tensordict(result)), mfu
+        return old_log_prob, mfu
+
+    def _save_checkpoint(self):
+        """verl's save, with this run's identity copied into the checkpoint folder first
+        (``verl_backend/identity.py``: a later launch resumes it only under the same identity)."""
+        from recipe.ta_opd.verl_backend.identity import stamp_checkpoint
+
+        stamp_checkpoint(str(self.config.trainer.default_local_dir), int(self.global_steps))
+        super()._save_checkpoint()
 
     def _update_actor(self, batch: DataProto) -> DataProto:
         t0 = time.perf_counter()

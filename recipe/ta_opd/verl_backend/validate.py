@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from recipe.ta_opd.verl_backend.losses import LOSS_MODES
+from recipe.ta_opd.verl_backend.losses import verl_loss_mode
+from ta_opd._checks import is_int, is_real
 from ta_opd.config import TAConfig
 from ta_opd.errors import TAConfigError
 from ta_opd.vocab import shared_vocab_size
@@ -44,7 +45,7 @@ class VerlPlan:
 
 
 def _positive_int(value, key: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise TAConfigError(f"{key}={value!r} is not allowed; it must be an integer >= 1")
     return value
 
@@ -93,32 +94,56 @@ def _suggest_batch(prompts: int, n: int, divisor: int) -> str:
     return " or ".join(f"data.train_batch_size={v} ({v * n} sequences)" for v in options)
 
 
-# verl's ResourcePoolManager.max_colocate_count: every accelerator bundle also reserves this many CPUs
+# verl's placement, counted in CPUs (Ray's scheduling of verl's actors, measured in
+# tests/verl/test_fit_placement.py): every accelerator bundle of a pool's placement group is
+# {"CPU": 3, GPU: 1} (ResourcePoolManager.max_colocate_count = 3, verl/single_controller/ray/base.py:144-149,
+# :192), and each worker holds 1 of those CPUs (num_gpus=1/3 with no num_cpus: ray/actor.py:2050-2056)
 CPUS_PER_BUNDLE = 3
+# the task runner holds one CPU for the whole run (runner: ray.remote(num_cpus=1)), on a node Ray chooses,
+# BEFORE the pools are placed: with exactly 3 CPUs per GPU in the cluster, a pool's placement group
+# then waits forever. verl's other actors (rollout servers, agent-loop and reward workers) name no
+# resources and hold no CPU: Ray places them on nodes with no free CPU (ray/actor.py:2045-2066).
+RUNNER_CPUS = 1
 
 
-def check_cluster(pools: Pools, nodes: list[dict], resource: str = "GPU") -> None:
-    """The Ray cluster can host both pools: ``nodes`` as ``ray.nodes()`` returns them. Checked right
-    after Ray starts, before any data or model is loaded (verl's own check comes after both; a node
-    short of CPUs makes verl's placement group wait forever instead of failing)."""
-    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
-    free = sorted(([float(r.get(resource, 0)), float(r.get("CPU", 0))] for r in alive), reverse=True)
+def check_cluster(pools: Pools, nodes: list[dict], resource: str = "GPU", available: dict | None = None) -> None:
+    """The Ray cluster can host both pools as verl places them: ``nodes`` as ``ray.nodes()`` returns
+    them. Each pool entry is one node's placement group of ``need`` bundles of 1 ``resource`` +
+    :data:`CPUS_PER_BUNDLE` CPUs. ``available`` (NodeID -> resources, as
+    ``ray._private.state.available_resources_per_node()`` returns them, what verl's own check reads)
+    is what is free right now: from inside the task runner, its CPU is already taken wherever Ray put
+    it, so the check is exact. Without it (the driver, before the runner exists) the runner's
+    :data:`RUNNER_CPUS` must fit on some node besides the pools. Checked before any data or model is
+    loaded (verl's own check counts GPUs only; a node short of CPUs makes a placement group wait
+    forever instead of failing)."""
+    alive = [n for n in nodes if n.get("Alive", True)]
+    if available is not None:
+        res = [dict(available.get(n.get("NodeID"), {})) for n in alive]
+    else:
+        res = [n.get("Resources", {}) for n in alive]
+    free = sorted(([float(r.get(resource, 0)), float(r.get("CPU", 0))] for r in res), reverse=True)
     wanted = sorted(pools.trainer + (pools.teacher or []), reverse=True)
     layout = f"trainer pool {pools.trainer}" + (f" + teacher pool {pools.teacher}" if pools.teacher else "")
-    have = (f"the Ray cluster has {sum(f[0] for f in free):g} {resource} on {len(free)} node(s) "
+    have = (f"the Ray cluster has {sum(f[0] for f in free):g} {resource}{' free' if available is not None else ''} "
+            f"on {len(free)} node(s) "
             f"({', '.join(f'{f[0]:g} {resource} + {f[1]:g} CPU' for f in free)})")
-    for need in wanted:  # first-fit decreasing: each pool entry is one node's worth of a placement group
+    needs = (f"the run needs {pools.gpus} {resource} on {len(wanted)} node(s) ({layout}, from trainer.nnodes x "
+             f"trainer.n_gpus_per_node = {pools.total[0]} x {pools.total[1]}, which counts ALL nodes of the run), "
+             f"and {CPUS_PER_BUNDLE} CPUs per {resource} (verl's placement bundles)")
+    runner = (f"the task runner holds {RUNNER_CPUS} CPU " +
+              ("(already counted: the cluster's free resources)" if available is not None else "on any node"))
+    for need in wanted:  # first-fit decreasing: each pool entry is one node's placement group
         for f in free:
             if f[0] >= need and f[1] >= CPUS_PER_BUNDLE * need:
                 f[0] -= need
                 f[1] -= CPUS_PER_BUNDLE * need
                 break
         else:
-            raise TAConfigError(
-                f"the run needs {pools.gpus} {resource} on {len(wanted)} node(s) ({layout}, from trainer.nnodes x "
-                f"trainer.n_gpus_per_node = {pools.total[0]} x {pools.total[1]}, which counts ALL nodes of the run), "
-                f"and {CPUS_PER_BUNDLE} CPUs per {resource} (verl's placement bundles), but {have}; give "
-                f"trainer.nnodes / n_gpus_per_node that match the allocation (and ray start --num-cpus)")
+            raise TAConfigError(f"{needs}, but {have}; {runner}; give trainer.nnodes / n_gpus_per_node that match "
+                                f"the allocation (and ray start --num-cpus)")
+    if available is None and not any(f[1] >= RUNNER_CPUS for f in free):
+        raise TAConfigError(f"{needs}, but {have}: no CPU is left for the task runner, which holds {RUNNER_CPUS} "
+                            f"CPU while the pools are placed; start Ray with more CPUs (ray start --num-cpus)")
 
 
 def check_trainer_divisibility(cfg: DictConfig, pools: Pools) -> None:
@@ -212,15 +237,35 @@ def check_unsupported_modes(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "algorithm.rollout_correction.bypass_mode", default=False):
         raise TAConfigError("algorithm.rollout_correction.bypass_mode=true is not supported: verl then skips the "
                             "old-log-prob forward, which is where the TA statistics are computed; set it to false")
+    for key in ("rollout_is", "rollout_rs"):  # verl applies them after the old-log-prob pass (ray_trainer.fit)
+        value = OmegaConf.select(cfg, f"algorithm.rollout_correction.{key}", default=None)
+        if value is not None:
+            raise TAConfigError(
+                f"algorithm.rollout_correction.{key}={value!r} is not supported: verl's rollout correction runs after "
+                "the TA statistics (rejection sampling edits response_mask, importance weights rescale the loss), so "
+                "the positions TA-OPD selects and the budget it counts would no longer be the ones trained; set "
+                f"algorithm.rollout_correction.{key}=null")
     for key in ("actor_rollout_ref.actor.pad_to_length", "actor_rollout_ref.actor.fsdp_config.pad_to_length"):
         if OmegaConf.select(cfg, key, default=False):
             raise TAConfigError(f"{key}=true is not supported: the statistics pass ships the teacher's top-K' "
                                 "fields, and verl's FSDP engine refuses pad_to_length with top-K fields; set it to false")
     t = OmegaConf.select(cfg, "actor_rollout_ref.rollout.temperature", default=1.0)
-    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0):
-        raise TAConfigError(f"actor_rollout_ref.rollout.temperature={t!r} is not allowed; it must be a number > 0: "
+    if not (is_real(t) and t > 0):
+        raise TAConfigError(f"actor_rollout_ref.rollout.temperature={t!r} is not allowed; it must be a finite number > 0: "
                             "verl's actor divides the logits by it (clamped at 1e-8) before the old log-probs and "
                             "the TA statistics, so greedy (0) training would score degenerate distributions")
+
+
+def check_teacher_embeds(student_logits: int, teacher_rows: int) -> None:
+    """The rollout samples over every student logit row and the teacher is fed the sampled ids as
+    context: a student with more logit rows than the teacher has embedding rows can hand the teacher
+    an id it cannot embed (a device-side index error on GPU, possibly many steps in)."""
+    if student_logits > teacher_rows:
+        raise TAConfigError(
+            f"the student has {student_logits} logit rows (actor_rollout_ref.model.path config.json vocab_size) but "
+            f"the teacher embeds only {teacher_rows} ids (ta_opd.teacher_model_path config.json vocab_size): the "
+            f"rollout can sample an id in [{teacher_rows}, {student_logits}) and the teacher would fail to embed it "
+            "as context; use a teacher whose vocab_size is at least the student's (e.g. resize its embeddings)")
 
 
 def model_vocab(student_path: str, teacher_path: str, allowed_mismatch_ids=()) -> int:
@@ -235,6 +280,7 @@ def model_vocab(student_path: str, teacher_path: str, allowed_mismatch_ids=()) -
             raise TAConfigError(f"{key}={path!r}: cannot load its tokenizer and config ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0]})") from e
     (s_tok, s_cfg), (t_tok, t_cfg) = loaded.values()
+    check_teacher_embeds(s_cfg.vocab_size, t_cfg.vocab_size)
     return shared_vocab_size(s_tok.get_vocab(), t_tok.get_vocab(), student_logits=s_cfg.vocab_size,
                              teacher_logits=t_cfg.vocab_size, allowed_mismatch_ids=frozenset(allowed_mismatch_ids))
 
@@ -271,7 +317,7 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
         raise TAConfigError(f"ta_opd.teacher.backend={backend!r} is not allowed; choose one of: "
                             f"{', '.join(TEACHER_BACKENDS)}")
     ok_ids = list(cfg.ta_opd.get("vocab_mismatch_ok_ids") or [])
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ok_ids):
+    if not all(is_int(i) and i >= 0 for i in ok_ids):
         raise TAConfigError(f"ta_opd.vocab_mismatch_ok_ids={ok_ids!r} is not allowed; give a list of token ids >= 0")
     vocab = model_vocab(student_path, teacher_path, ok_ids) if vocab_size is None else vocab_size
     ta.check_vocab(vocab)
@@ -309,15 +355,11 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
     except (AssertionError, ValueError, InstantiationException) as e:
         cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
         raise TAConfigError(f"verl rejects the configuration: {cause}") from e
-    if (ta.loss, backend) not in LOSS_MODES:  # registered in ta_opd.losses, but not wired to a verl loss mode
-        supported = sorted({name for name, b in LOSS_MODES if b == backend})
-        raise TAConfigError(f"ta_opd.loss={ta.loss!r} runs on the CPU backend but the verl backend has no "
-                            f"distillation loss for it with ta_opd.teacher.backend={backend}; supported there: "
-                            f"{', '.join(supported)} (add it to LOSS_MODES in recipe/ta_opd/verl_backend/losses.py)")
-    loss_mode = LOSS_MODES[(ta.loss, backend)]
+    loss_mode = verl_loss_mode(ta.loss, backend)  # derived from the loss registry; refuses a loss verl cannot run
     dist = cfg.distillation
     with open_dict(cfg):
         dist.distillation_loss.loss_mode = loss_mode
+        # verl's key `topk` is K' (what the teacher ships), our ta_opd.teacher_topk: the one place they meet
         dist.distillation_loss.topk = ta.teacher_topk
         dist.distillation_loss.use_task_rewards = False
         dist.distillation_loss.use_policy_gradient = False
@@ -340,7 +382,7 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
             inf["name"] = "vllm"  # never started; verl's top-K validation needs a known engine name
             actor["nnodes"], actor["n_gpus_per_node"] = 1, 1
             actor_distillation = actor
-    worker = dict(model_path=teacher_path, vocab_size=vocab, topk=ta.teacher_topk,
+    worker = dict(model_path=teacher_path, vocab_size=vocab, teacher_topk=ta.teacher_topk,
                   micro_batch_size=_positive_int(node.micro_batch_size, "ta_opd.teacher.micro_batch_size"),
                   chunk_size=_positive_int(node.chunk_size, "ta_opd.teacher.chunk_size"),
                   param_dtype=str(node.param_dtype), logp_dtype=str(node.logp_dtype),

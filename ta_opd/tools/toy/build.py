@@ -1,9 +1,11 @@
-"""Build (once) and cache the toy teacher–student pair and its datasets.
+"""Locate the toy teacher–student pair and its datasets: the shipped one, or build (once) and cache.
 
 ``python -m ta_opd.tools.toy.build [--cache-dir DIR] [--print-root]`` prints the paths (or only the
-pair's folder). The cache key hashes the
-spec, so a changed spec builds a new pair; a build goes to a temporary folder that is renamed
-into place only when complete. Layout under ``<cache_dir>/<key>/``:
+pair's folder). The default spec's pair ships with the package (``ta_opd.tools.toy.shipped``) and
+is used as is: no build, no cache. Any other spec is built once into the cache: the cache key
+hashes the spec, so a changed spec builds a new pair; a build goes to a temporary folder that is
+renamed into place only when complete. ``--ship`` rebuilds the default spec and replaces the
+shipped pair. Layout under ``<cache_dir>/<key>/`` (and ``assets/<key>/``):
 
     teacher/, student/     Hugging Face model folders (config, weights, tokenizer): load by path
     data/{train,val,test}.parquet   verl's dataset layout (see ta_opd.tools.toy.task.to_rows)
@@ -16,7 +18,9 @@ of its AVX2/AVX-512 ones, MKL's conditional-numerical-reproducibility "COMPATIBL
 capped at SSE4.1), with deterministic algorithms. Measured on one machine, each of those three
 switches alone changes the built weights, so without them two x86 machines build different
 pairs from the same spec. Remaining dependence: the torch/MKL version and the CPU architecture
-family (x86 vs ARM), recorded in the manifest's ``build_environment``. ``BUILD_RECIPE`` and
+family (x86 vs ARM), recorded in the manifest's ``build_environment``; and still two x86 machines
+of one kind built different students from the default spec (issue 18), hence the shipped pair.
+``BUILD_RECIPE`` and
 ``BUILD_ENV`` are part of the cache key: bump the recipe whenever the build procedure changes, so
 an old cache is never reused for a new recipe.
 """
@@ -40,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from ta_opd.tools.toy import task
+from ta_opd.tools.toy import shipped, task
 from ta_opd.tools.toy.tokenizer import VERSION as TOKENIZER_VERSION
 from ta_opd.tools.toy.models import (STUDENT_ARCH, TEACHER_ARCH, build_model, answer_accuracy, sft, sft_examples)
 
@@ -100,6 +104,17 @@ def _paths(root: Path, manifest: dict) -> ToyPair:
 
 
 def load_or_build(cache_dir: str | Path | None = None, spec: ToySpec = ToySpec(), log=print) -> ToyPair:
+    """The shipped pair when ``spec`` is the one it was built from (checked against its file
+    hashes; ``cache_dir`` is not touched), else :func:`build_cached`."""
+    root = shipped.find(spec.key())
+    if root is not None:
+        log(f"toy pair: using the shipped pair {root}")
+        return _paths(root, shipped.check(root))
+    return build_cached(cache_dir, spec, log)
+
+
+def build_cached(cache_dir: str | Path | None = None, spec: ToySpec = ToySpec(), log=print) -> ToyPair:
+    """The pair of ``spec`` from ``<cache_dir>/<key>/``, built there first if absent."""
     root = Path(cache_dir or DEFAULT_CACHE).expanduser() / spec.key()
     manifest = root / "manifest.json"
     if manifest.exists():
@@ -124,7 +139,7 @@ def load_or_build(cache_dir: str | Path | None = None, spec: ToySpec = ToySpec()
 def _build_in_child(out: Path, spec: ToySpec, log) -> None:
     """Run :func:`_build` in a child process with ``BUILD_ENV`` (see the module docstring); its
     log lines are forwarded to ``log``; it writes ``out/manifest.json`` last."""
-    pkg_root = str(Path(__file__).resolve().parents[2])  # so the child imports this same ta_opd
+    pkg_root = str(Path(__file__).resolve().parents[3])  # the folder holding ta_opd/: the child imports this same ta_opd
     env = {**os.environ, **BUILD_ENV,
            "PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "ta_opd.tools.toy.build", "--build-into", str(out), "--spec", json.dumps(asdict(spec))]
@@ -295,11 +310,17 @@ def main(argv=None) -> None:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--print-root", action="store_true",
                    help="print only the pair's folder (for scripts: T=$(python -m ta_opd.tools.toy.build --print-root))")
+    p.add_argument("--ship", action="store_true",
+                   help="build the default spec (in a temporary folder; with --cache-dir: its cached build, "
+                        f"built there if absent) and replace the shipped pair under {shipped.ASSETS} with it")
     p.add_argument("--build-into", default=None, help=argparse.SUPPRESS)  # internal: the pinned child
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.build_into is not None:
         _child_main(a.build_into, a.spec)
+        return
+    if a.ship:
+        _ship(a.cache_dir)
         return
     if a.print_root:
         print(load_or_build(a.cache_dir, log=lambda m: print(m, file=sys.stderr)).root)
@@ -307,6 +328,17 @@ def main(argv=None) -> None:
     pair = load_or_build(a.cache_dir)
     print(json.dumps({k: str(v) for k, v in asdict(pair).items() if k != "manifest"}, indent=2))
     print(json.dumps(pair.manifest, indent=2))
+
+
+def _ship(cache_dir: str | None) -> None:
+    with tempfile.TemporaryDirectory(prefix="ta_opd_toy_ship_") as tmp:
+        pair = build_cached(cache_dir or tmp, ToySpec())
+        dest = shipped.ship(pair.root)
+    m = pair.manifest
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    print(f"shipped {dest} ({size / 1e6:.2f} MB): teacher accuracy {m['teacher_accuracy']:.3f}, student "
+          f"{m['student_accuracy']:.3f} greedy / {m['student_sampled_accuracy_t1']:.3f} sampled; re-measure "
+          "docs/toy.md if these changed")
 
 
 if __name__ == "__main__":

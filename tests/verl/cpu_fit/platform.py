@@ -1,10 +1,18 @@
-"""A verl platform for CPU ranks: device ``cpu``, collectives on gloo, Ray resource ``CPU``.
+"""A verl platform for CPU ranks: device ``cpu``, collectives on gloo, placed on Ray ``GPU`` slots.
 
 verl 0.9.1 resolves every device question through ``verl.plugin.platform`` (device name, torch
 device module, communication backend, Ray resources). Its built-in platforms are CUDA, NPU and
 ROCm, and with no accelerator it falls back to "nvidia"; registering this class under the name
 ``cpu`` and selecting it (``VERL_PLATFORM=cpu`` or ``set_platform``) points those questions at
 the CPU. No verl file is edited.
+
+Placement is verl's GPU placement, unchanged: the platform names Ray's ``GPU`` resource, so
+verl's placement groups have bundles ``{"CPU": 3, "GPU": 1}``
+(``verl/single_controller/ray/base.py:144-149``, ``max_colocate_count=3`` of
+``ResourcePoolManager``) and each worker asks ``num_gpus=1/3`` (``base.py:629``, ``:405``), which
+Ray turns into 1 CPU held for the worker's lifetime (``ray/actor.py:2053-2056``). The test cluster
+advertises *logical* GPUs (``num_gpus`` of ``ray.init`` / the cluster's nodes); nothing runs on a
+GPU (the device is ``cpu``; Ray's ``CUDA_VISIBLE_DEVICES`` means nothing to a CPU torch).
 """
 
 from __future__ import annotations
@@ -111,11 +119,11 @@ class PlatformCPU(PlatformBase):
         return None
 
     def ray_resource_name(self) -> str:
-        return "CPU"
+        # verl's placement as on a GPU cluster: bundles {"CPU": 3, "GPU": 1} on logical GPUs
+        return "GPU"
 
     def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
-        # one logical CPU per placement-group bundle; each worker takes its share of it
-        return {"num_cpus": num_gpus}
+        return {"num_gpus": num_gpus}  # as verl's CUDA platform (platform_cuda.py:130-131)
 
     def ray_noset_envvars(self) -> list[str]:
         return []

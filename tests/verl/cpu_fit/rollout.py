@@ -24,6 +24,7 @@ import zlib
 from typing import Any
 
 import ray
+import ray.util.scheduling_strategies
 import torch
 
 from verl.workers.rollout.base import BaseRollout
@@ -130,9 +131,16 @@ def _filter(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 class HFReplica(RolloutReplica):
     async def launch_servers(self):
+        """One server per replica, placed as verl places a vLLM server
+        (``verl/workers/rollout/vllm_rollout/vllm_async_server.py:1342-1384``): on the node of the
+        replica's first worker, hard node affinity, no resources named, so Ray needs one free CPU on
+        that node to place it (``ray/actor.py:2045-2066``: placement CPU 1, lifetime CPU 0)."""
         model_path = str(self.model_config.get("path"))
-        server = ray.remote(HFServer).options(name=server_name(self.replica_rank), num_cpus=0).remote(
-            self.config, model_path, self.replica_rank)
+        node = await self.workers[0].__ray_call__.remote(lambda w: ray.get_runtime_context().get_node_id())
+        server = ray.remote(HFServer).options(
+            name=server_name(self.replica_rank),
+            scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+        ).remote(self.config, model_path, self.replica_rank)
         self.servers = [server]
         self._server_handle = server
         self._server_address = f"ta_opd_hf_cpu://{self.replica_rank}"

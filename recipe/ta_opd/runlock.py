@@ -1,4 +1,4 @@
-"""One run per output folder: ``<out_dir>/.ta_opd.lock``.
+"""One run per output folder (both backends): ``<out_dir>/.ta_opd.lock``.
 
 The lock is an exclusive ``flock`` on that file, which the kernel drops when the holder dies (even
 by SIGKILL), so liveness never depends on guessing from a pid. The file also records who holds it
@@ -124,3 +124,22 @@ def release_all() -> None:
     for key in list(_held):
         _held[key][1] = 1
         release(Path(key))
+
+
+def check_free(out_dir: str | Path) -> None:
+    """Raise TAConfigError if a live run holds ``out_dir``'s lock; creates and changes nothing (the
+    dry run's check). A lock file left by a dead run counts as free: a real launch takes it over."""
+    path = Path(out_dir).expanduser().resolve() / LOCK_NAME
+    if str(path) in _held or not path.is_file():
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TAConfigError(f"trainer.default_local_dir={path.parent} is in use by another run: "
+                                f"{_describe(_read(fd))}. Wait for it to finish, stop it, or choose another "
+                                "trainer.experiment_name") from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
