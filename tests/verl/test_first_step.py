@@ -113,6 +113,13 @@ def test_single_node_split_six_trainer_gpus(monkeypatch):
     (["actor_rollout_ref.actor.pad_to_length=true"], "actor_rollout_ref.actor.pad_to_length=true is not supported"),
     (["ta_opd.teacher.timeout_s=0"], "ta_opd.teacher.timeout_s=0 is not allowed"),
     (["actor_rollout_ref.rollout.temperature=0"], "actor_rollout_ref.rollout.temperature=0 is not allowed"),
+    # verl would aggregate / clip / check the loss differently from what ta_opd.* (and the run identity) say
+    (["actor_rollout_ref.actor.loss_agg_mode=token-sum"],
+     "actor_rollout_ref.actor.loss_agg_mode='token-sum' differs from ta_opd.loss_agg='token-mean'"),
+    (["distillation.distillation_loss.loss_max_clamp=10.0"],
+     "distillation.distillation_loss.loss_max_clamp=10.0 is not supported"),
+    (["ta_opd.loss=topk_forward_kl", "ta_opd.teacher.logp_dtype=bfloat16"],
+     "ta_opd.teacher.logp_dtype='bfloat16' with ta_opd.loss='topk_forward_kl'"),
 ])
 def test_what_verls_step_needs_is_refused_at_startup(overrides, message):
     with pytest.raises(TAConfigError, match=re.escape(message)):
@@ -299,3 +306,23 @@ def test_student_with_more_logit_rows_than_teacher_embeddings_is_refused():
     check_teacher_embeds(151936, 152064)  # R1-Distill-Qwen-14B teacher, Qwen2.5-3B student
     with pytest.raises(TAConfigError, match=r"the student has 416 logit rows .* the teacher embeds only 399 ids"):
         check_teacher_embeds(416, 399)
+
+
+def test_a_loss_ray_workers_cannot_import_is_refused_at_startup():
+    """Ray's workers register losses by importing their module: one defined in __main__ (a user's
+    script) would pass on the driver and fail in the worker after the models loaded."""
+    import torch
+
+    from ta_opd.losses import _LOSSES, TokenLoss, register_loss
+
+    def script_loss(inp, **_):
+        return TokenLoss(torch.where(inp.mask, inp.log_prob, 0.0), {})
+
+    script_loss.__module__ = "__main__"
+    register_loss("test_script_loss", needs=("log_prob",), per_token=True)(script_loss)
+    try:
+        with pytest.raises(TAConfigError, match="registered in module '__main__', which Ray's worker processes"):
+            _plan("ta_opd.loss=test_script_loss")
+        _plan("ta_opd.loss=topk_forward_kl")  # a shipped logits-path loss at the default float32 passes
+    finally:
+        _LOSSES._items.pop("test_script_loss", None)

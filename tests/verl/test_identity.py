@@ -62,6 +62,28 @@ def test_same_run_resumes_and_safe_keys_may_change(inputs):
     assert "1 checkpoint(s) of this run, newest global_step_2" in lines[-1]
 
 
+def test_a_new_name_or_smaller_micro_batches_resume_the_same_run(inputs):
+    """verl interpolates trainer.experiment_name into rollout.trace.*: renaming (a safe key) must not
+    make the run look different; nor must memory knobs (the usual fix after an out-of-memory crash)."""
+    folder = checkpointed(inputs)
+    lines = []
+    I.check_and_claim(cfg_of(inputs, "trainer.experiment_name=renamed", f"trainer.default_local_dir={folder}",
+                             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
+                             "ta_opd.teacher.micro_batch_size=1", "ta_opd.dry_run=true"), log=lines.append)
+    assert "1 checkpoint(s) of this run, newest global_step_2" in lines[-1]
+    cfg = cfg_of(inputs, "trainer.experiment_name=renamed")
+    assert cfg.actor_rollout_ref.rollout.trace.experiment_name == "renamed"  # the interpolation is real
+
+
+def test_a_relative_resume_path_is_checked_and_loaded_as_one_absolute_path(inputs, monkeypatch):
+    folder = checkpointed(inputs)
+    monkeypatch.chdir(folder)
+    cfg = cfg_of(inputs, "trainer.resume_mode=resume_path", "trainer.resume_from_path=global_step_2",
+                 "ta_opd.dry_run=true")
+    I.check_and_claim(cfg, dry_run=True, log=lambda s: None)
+    assert cfg.trainer.resume_from_path == str(folder / "global_step_2")
+
+
 @pytest.mark.parametrize("override, key", [
     ("ta_opd.seed=1", "ta_opd.seed: 0 in the checkpoint, 1 now"),
     ("ta_opd.budget=0.3", "ta_opd.budget: 0.1 in the checkpoint, 0.3 now"),

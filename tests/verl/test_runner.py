@@ -37,3 +37,16 @@ def test_roles_and_pools(overrides, pool, spec):
     assert mgr.mapping[Role.TeacherModel] == pool
     assert mgr.resource_pool_spec[pool] == spec
     assert mgr.resource_pool_spec["global_pool"] == [4, 4]
+
+
+def test_the_recipe_runtime_env_keeps_a_users_pythonpath(monkeypatch):
+    from recipe.ta_opd.verl_backend.runner import REPO_ROOT, SETUP_HOOK, add_recipe_runtime_env
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.delenv("TA_OPD_WORKER_SETUP_HOOK", raising=False)
+    with initialize_config_dir(config_dir=RECIPE_DIR, version_base=None):
+        cfg = compose("ta_opd_trainer", overrides=["+ray_kwargs.ray_init.runtime_env.env_vars.PYTHONPATH=/opt/mine"])
+    add_recipe_runtime_env(cfg)
+    env = cfg.ray_kwargs.ray_init.runtime_env
+    assert env.env_vars.PYTHONPATH.split(":") == [REPO_ROOT, "/opt/mine"]
+    assert env.worker_process_setup_hook == SETUP_HOOK

@@ -24,6 +24,7 @@ ranks write their checkpoint shards there too).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -47,7 +48,15 @@ SAFE_TO_CHANGE = (
     "trainer.max_critic_ckpt_to_keep", "trainer.val_before_train", "trainer.val_only", "trainer.log_val_generations",
     "trainer.rollout_data_dir", "trainer.validation_data_dir", "trainer.del_local_ckpt_after_load",
     "trainer.ray_wait_register_center_timeout", "trainer.profile", "trainer.npu_profile", "trainer.esi_redundant_time",
-    "ray_kwargs", "global_profiler", "ta_opd.dry_run", "ta_opd.wandb_histogram", "ta_opd.cpu", "ta_opd.toy")
+    "ray_kwargs", "global_profiler",
+    # how the same computation is split into micro-batches and memory (after an out-of-memory crash a
+    # resume with smaller micro-batches is the usual fix): not the trajectory
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", "actor_rollout_ref.actor.ppo_micro_batch_size",
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size", "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu",
+    "actor_rollout_ref.rollout.gpu_memory_utilization", "ta_opd.teacher.micro_batch_size", "ta_opd.teacher.chunk_size",
+    "ta_opd.teacher.timeout_s", "ta_opd.chunk_bytes", "ta_opd.chunk_size", "ta_opd.dry_run", "ta_opd.wandb_histogram", "ta_opd.token_export", "ta_opd.cpu",
+    "ta_opd.toy")
 INPUT_NAMES = ("path", "train_files", "val_files")  # last key component of an input (also any "*_path")
 _claimed: set[str] = set()  # folders this process has checked and locked
 
@@ -70,10 +79,24 @@ def _flatten(node: Any, prefix: str, out: dict) -> None:
         out[prefix] = node
 
 
+def _masked(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` whose safe-to-change leaves hold one placeholder, so a key that merely
+    interpolates one of them (verl copies ``trainer.experiment_name`` into
+    ``actor_rollout_ref.rollout.trace.experiment_name``) resolves alike on both launches."""
+    masked = copy.deepcopy(cfg)
+    raw: dict[str, Any] = {}
+    _flatten(OmegaConf.to_container(masked, resolve=False), "", raw)
+    with open_dict(masked):
+        for key in raw:
+            if _safe(key):
+                OmegaConf.update(masked, key, "<safe to change>", merge=False)
+    return masked
+
+
 def identity_of(cfg: DictConfig) -> dict:
     """The identity of a run: {dotted config key: JSON value}, inputs as fingerprints."""
     flat: dict[str, Any] = {}
-    _flatten(OmegaConf.to_container(cfg, resolve=True), "", flat)
+    _flatten(OmegaConf.to_container(_masked(cfg), resolve=True), "", flat)
     seen: dict[str, dict] = {}  # one fingerprint per input (the student path appears under several keys)
     out = {}
     for key, value in sorted(flat.items()):
@@ -167,8 +190,10 @@ def check_and_claim(cfg: DictConfig, dry_run: bool = False, log=print) -> dict:
     """Make ``trainer.default_local_dir`` absolute (verl resolves it against its own working
     directory), check that no checkpoint in it belongs to another run, and (unless ``dry_run``)
     take its run lock and write the identity. Returns the identity. Idempotent per process."""
-    with open_dict(cfg):
+    with open_dict(cfg):  # verl resolves both against the runner's working directory: check what it will load
         cfg.trainer.default_local_dir = str(Path(os.path.expanduser(str(cfg.trainer.default_local_dir))).resolve())
+        if cfg.trainer.get("resume_from_path"):
+            cfg.trainer.resume_from_path = str(Path(os.path.expanduser(str(cfg.trainer.resume_from_path))).resolve())
     folder = Path(cfg.trainer.default_local_dir)
     now = identity_of(cfg)
     for line in _by_name(now):

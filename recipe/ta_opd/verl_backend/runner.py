@@ -84,7 +84,8 @@ class TAOPDTaskRunner(BaseTaskRunner):
                                 max_samples=config.data.get("val_max_samples", -1))
         settings = VerlSettings(teacher_backend=plan.teacher_backend, vocab_size=plan.vocab_size,
                                 teacher_worker=plan.teacher_worker, loss_mode=plan.loss_mode,
-                                wandb_histogram=bool(config.ta_opd.wandb_histogram))
+                                wandb_histogram=bool(config.ta_opd.wandb_histogram),
+                                token_export=bool(config.ta_opd.get("token_export", False)))
         trainer = TAOPDRayTrainer(
             config=config, tokenizer=tokenizer, processor=processor, role_worker_mapping=self.role_worker_mapping,
             resource_pool_manager=resource_pool_manager, ray_worker_group_cls=wg_cls, train_dataset=train,
@@ -98,13 +99,16 @@ def add_recipe_runtime_env(config) -> None:
     """Put into ``ray_kwargs.ray_init.runtime_env`` what every Ray process of the recipe needs:
     this repository on PYTHONPATH and the loss-registration setup hook. verl's ``run_ppo`` merges
     it over verl's own runtime env (``get_ppo_ray_runtime_env``)."""
-    paths = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO_ROOT]
-    ours = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)},
-            "worker_process_setup_hook": os.environ.get(SETUP_HOOK_ENV) or SETUP_HOOK}
     with open_dict(config):
         if config.ray_kwargs.get("ray_init") is None:
             config.ray_kwargs.ray_init = {}
         init = config.ray_kwargs.ray_init
+        given = OmegaConf.select(init, "runtime_env.env_vars.PYTHONPATH", default=None)  # the user's: kept, after ours
+        extra = [given] if given else []
+        paths = [REPO_ROOT] + [p for p in os.pathsep.join([*extra, os.environ.get("PYTHONPATH", "")]).split(os.pathsep)
+                               if p and p != REPO_ROOT]
+        ours = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))},
+                "worker_process_setup_hook": os.environ.get(SETUP_HOOK_ENV) or SETUP_HOOK}
         init.runtime_env = OmegaConf.merge(init.get("runtime_env") or {}, ours)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from recipe.ta_opd.verl_backend.losses import verl_loss_mode
+from recipe.ta_opd.verl_backend.losses import on_logits_path, verl_loss_mode
 from ta_opd._checks import is_int, is_real
 from ta_opd.config import TAConfig
 from ta_opd.errors import TAConfigError
@@ -256,6 +256,37 @@ def check_unsupported_modes(cfg: DictConfig) -> None:
                             "the TA statistics, so greedy (0) training would score degenerate distributions")
 
 
+def check_loss_settings(cfg: DictConfig, ta: TAConfig, logits_path: bool) -> None:
+    """verl settings that would silently train another loss than ``ta_opd.loss`` / ``ta_opd.loss_agg``
+    say (and than the run identity records), or abort it mid-run: refused at startup."""
+    import importlib.util
+
+    from ta_opd.losses import get_token_loss
+
+    agg = OmegaConf.select(cfg, "actor_rollout_ref.actor.loss_agg_mode", default=ta.loss_agg)
+    if agg != ta.loss_agg:  # verl aggregates our per-token loss with the actor's mode
+        raise TAConfigError(f"actor_rollout_ref.actor.loss_agg_mode={agg!r} differs from ta_opd.loss_agg="
+                            f"{ta.loss_agg!r}; set ta_opd.loss_agg (the actor's mode follows it)")
+    clamp = OmegaConf.select(cfg, "distillation.distillation_loss.loss_max_clamp", default=None)
+    if clamp is not None:
+        raise TAConfigError(f"distillation.distillation_loss.loss_max_clamp={clamp!r} is not supported: verl would clip "
+                            "the TA-OPD per-token loss, which the CPU backend and the spec do not; set it to null")
+    dtype = OmegaConf.select(cfg, "ta_opd.teacher.logp_dtype", default="float32")
+    if logits_path and dtype != "float32":
+        raise TAConfigError(f"ta_opd.teacher.logp_dtype={dtype!r} with ta_opd.loss={ta.loss!r}: that loss reads the "
+                            "teacher's top-K' log-probs, whose mass must sum to <= 1 (checked to 1e-4), which a 16-bit "
+                            "dtype breaks; set ta_opd.teacher.logp_dtype=float32")
+    module = getattr(get_token_loss(ta.loss), "__module__", None)
+    try:  # Ray's worker processes register losses by importing their module (the setup hook)
+        ok = module not in (None, "__main__") and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        ok = False
+    if not ok:
+        raise TAConfigError(f"ta_opd.loss={ta.loss!r} is registered in module {module!r}, which Ray's worker processes "
+                            "cannot import; register it in an importable module (and have the worker setup hook "
+                            "import it)")
+
+
 def check_teacher_embeds(student_logits: int, teacher_rows: int) -> None:
     """The rollout samples over every student logit row and the teacher is fed the sampled ids as
     context: a student with more logit rows than the teacher has embedding rows can hand the teacher
@@ -325,6 +356,9 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
     check_unsupported_modes(cfg)
     nnodes = _positive_int(node.nnodes, "ta_opd.teacher.nnodes")
     per_node = _positive_int(node.n_gpus_per_node, "ta_opd.teacher.n_gpus_per_node")
+    for key in ("wandb_histogram", "token_export"):
+        if not isinstance(cfg.ta_opd.get(key, False), bool):
+            raise TAConfigError(f"ta_opd.{key}={cfg.ta_opd.get(key)!r} is not allowed; choose true or false")
     colocate = node.get("colocate", False)
     if not isinstance(colocate, bool):
         raise TAConfigError(f"ta_opd.teacher.colocate={colocate!r} is not allowed; choose true or false")
@@ -356,6 +390,7 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
         cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
         raise TAConfigError(f"verl rejects the configuration: {cause}") from e
     loss_mode = verl_loss_mode(ta.loss, backend)  # derived from the loss registry; refuses a loss verl cannot run
+    check_loss_settings(cfg, ta, on_logits_path(ta.loss))
     dist = cfg.distillation
     with open_dict(cfg):
         dist.distillation_loss.loss_mode = loss_mode
