@@ -2,15 +2,16 @@
 
 verl's pools are placement groups of ``{"CPU": 3, "GPU": 1}`` bundles, one group per node entry
 (``ResourcePoolManager`` -> ``RayResourcePool.get_placement_groups``, used here unchanged). The
-task runner (``num_cpus=1``) holds a CPU on a node Ray chooses before the pools are placed. A vLLM
-rollout server is created on its replica's node with hard node affinity and no resources named
+task runner is plain ``ray.remote`` like verl's own (``runner_class``), and a vLLM rollout server is
+created on its replica's node with hard node affinity and no resources named
 (``vllm_async_server.py:1377-1384``, reproduced option for option below).
 
-Measured here (Ray 2.60): the server is placed on a node whose CPUs the bundles took entirely (an
-actor that names no resources holds none; its "placement CPU" does not wait for a free one), but
-on two 2-GPU nodes with exactly 3 CPUs per GPU the task runner's CPU leaves one node short and
-verl's placement group waits forever. ``check_cluster`` (called from inside the task runner with
-the cluster's free resources) must refuse exactly that cluster and accept it with one more CPU.
+Measured here (Ray 2.60): an actor that names no resources holds no CPU once placed (its
+"placement CPU" does not wait for a free one), so on two 2-GPU nodes with exactly 3 CPUs per GPU
+both pools are placed with the runner alive. A CPU held by anything else (another job's actor,
+or a runner declared with ``num_cpus=1`` as this recipe once did) leaves a node one CPU short and
+verl's placement group waits forever: ``check_cluster`` (called from inside the task runner with
+the cluster's free resources) must refuse exactly that cluster.
 """
 
 from __future__ import annotations
@@ -69,6 +70,18 @@ def _verl_pools_placed(pools) -> bool:
     return done.wait(WAIT_S)
 
 
+def _free_cpus_settle(expected: float) -> None:
+    """Wait until Ray's resource view (synced from the raylets) shows ``expected`` free CPUs."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + WAIT_S
+    while ray.available_resources().get("CPU", 0) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == expected
+
+
 def _remove_placement_groups():
     import ray
     from ray.util.placement_group import PlacementGroup
@@ -95,33 +108,36 @@ def test_check_cluster_agrees_with_verl_placement(cluster):
         except TAConfigError:
             return False
 
-    # 1. exactly 3 CPUs per GPU: the task runner takes one on a GPU node, a pool cannot be placed
-    runner = actor.options(num_cpus=1).remote()
-    ray.get(runner.node.remote())
-    assert not check()
-    with pytest.raises(TAConfigError, match="3 CPUs per GPU .* the task runner holds 1 CPU"):
-        check_cluster(pools, ray.nodes(), "GPU", available=ray._private.state.available_resources_per_node())
-    with pytest.raises(TAConfigError, match="no CPU is left for the task runner"):  # driver side: totals
-        check_cluster(pools, ray.nodes(), "GPU")
-    assert not _verl_pools_placed(pools)
-    _remove_placement_groups()
-    ray.kill(runner)
+    # 1. exactly 3 CPUs per GPU, with a task runner declared as ours (plain ray.remote): both pools placed
+    from recipe.ta_opd.verl_backend.runner import runner_class
 
-    # 2. one CPU more (a CPU-only node, where Ray puts the runner): both pools are placed
-    cluster.add_node(num_cpus=1, num_gpus=0)
-    cluster.wait_for_nodes()
-    spare = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU") == 1)
-    runner = actor.options(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(spare, soft=False)).remote()
+    assert "num_cpus" not in runner_class(None)._default_options  # as verl's TaskRunner: holds no CPU
+    runner = actor.remote()
     ray.get(runner.node.remote())
+    _free_cpus_settle(2 * 3 * GPUS)
     check_cluster(pools, ray.nodes(), "GPU")
     assert check()
     assert _verl_pools_placed(pools)
     table = ray.util.placement_group_table().values()
     bundles = [b for t in table if t["state"] == "CREATED" for b in t["bundles"].values()]
     assert bundles == [{"CPU": 3.0, "GPU": 1.0}] * (2 * GPUS)  # verl's bundles; no CPU is free on a GPU node now
+    _remove_placement_groups()
+
+    # 2. one CPU held by something else on a GPU node: a pool cannot be placed, and the check says so
+    other = actor.options(num_cpus=1).remote()
+    ray.get(other.node.remote())
+    _free_cpus_settle(2 * 3 * GPUS - 1)
+    assert not check()
+    with pytest.raises(TAConfigError, match="3 CPUs per GPU .*, but the Ray cluster has 4 GPU free on"):
+        check_cluster(pools, ray.nodes(), "GPU", available=ray._private.state.available_resources_per_node())
+    assert not _verl_pools_placed(pools)
+    _remove_placement_groups()
+    ray.kill(other)
+    _free_cpus_settle(2 * 3 * GPUS)
+    assert _verl_pools_placed(pools)  # the same cluster places both pools once the CPU is free again
 
     # 3. a vLLM-style server on a GPU node with no free CPU is still placed (it holds none)
     gpu_node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU"))
-    assert ray.available_resources().get("CPU", 0) == 0
+    _free_cpus_settle(0)
     server = actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=gpu_node, soft=False)).remote()
     assert ray.get(server.node.remote(), timeout=WAIT_S) == gpu_node

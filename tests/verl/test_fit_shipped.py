@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from recipe.ta_opd.verl_backend import fields as F
-from recipe.ta_opd.verl_backend.validate import CPUS_PER_BUNDLE, RUNNER_CPUS
+from recipe.ta_opd.verl_backend.validate import CPUS_PER_BUNDLE
 from tests.verl.cpu_fit.pair import verl_ready_copy
 from tests.verl.cpu_fit.setup import RECORD_ENV
 from tests.verl.test_fit_cpu import ROOT, Runs, run
@@ -43,7 +43,7 @@ TEST_FREQ = 2
 RHO = 0.05
 NODES, GPUS_PER_NODE = 2, 2  # the allocation: trainer.nnodes counts ALL nodes (teacher's included)
 TOKEN_BUDGET = 48  # = max_prompt_length + max_response_length: the smallest budget plan() accepts
-CPUS_PER_NODE = 8  # >= what check_cluster asks (3 per GPU bundle; +1 on some node for the task runner)
+CPUS_PER_NODE = 8  # >= what check_cluster asks (3 per GPU bundle)
 
 # sizes only: models (the toy pair, set in command()), lengths, batch, token budgets, step counts,
 # pools, process counts
@@ -179,10 +179,11 @@ def test_placement_two_nodes(runs):
     assert p["servers"] == p["actor"][:1]  # the replica's server sits on its workers' node
     assert all(res.get("GPU") == GPUS_PER_NODE and res.get("CPU") == CPUS_PER_NODE for res in p["cluster"].values())
     # CPUs held as verl places its actors (what check_cluster counts): 3 per GPU bundle (each rank holds
-    # one, num_gpus=1/3) and the task runner's 1; rollout server, agent-loop and reward workers hold none
+    # one, num_gpus=1/3); the task runner (plain ray.remote, as verl's), rollout server, agent-loop and
+    # reward workers hold none
     free = p["available"]
     assert sum(f["GPU"] for f in free.values()) == 0
-    held = NODES * CPUS_PER_BUNDLE * GPUS_PER_NODE + RUNNER_CPUS
+    held = NODES * CPUS_PER_BUNDLE * GPUS_PER_NODE
     assert sum(f["CPU"] for f in free.values()) == NODES * CPUS_PER_NODE - held
 
 

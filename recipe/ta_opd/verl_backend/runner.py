@@ -67,7 +67,7 @@ class TAOPDTaskRunner(BaseTaskRunner):
         from recipe.ta_opd.verl_backend.validate import check_cluster
 
         self.plan = plan = plan or self.PLAN
-        # before any data or model loads; free resources: this runner's own CPU is already taken
+        # before any data or model loads, on what is free now (other jobs on the cluster included)
         check_cluster(plan.pools, ray.nodes(), get_platform().ray_resource_name(),
                       available=ray._private.state.available_resources_per_node())
         OmegaConf.resolve(config)
@@ -125,8 +125,11 @@ def ray_runtime_env(config) -> dict:
 
 
 def runner_class(plan: VerlPlan):
-    """The Ray task runner with this run's plan baked in (verl's ``run_ppo`` calls ``run(config)``)."""
-    return ray.remote(num_cpus=1)(type("TAOPDTaskRunner", (TAOPDTaskRunner,), {"PLAN": plan, "__module__": __name__}))
+    """The Ray task runner with this run's plan baked in (verl's ``run_ppo`` calls ``run(config)``).
+    Plain ``ray.remote`` as verl's own ``TaskRunner`` (``main_ppo.py``): it holds no CPU while it runs
+    (Ray needs one free CPU only to schedule it, before the pools exist), so it never leaves a node
+    short of the CPUs verl's placement bundles take."""
+    return ray.remote(type("TAOPDTaskRunner", (TAOPDTaskRunner,), {"PLAN": plan, "__module__": __name__}))
 
 
 def run_verl(config, plan: VerlPlan) -> None:

@@ -99,11 +99,9 @@ def _suggest_batch(prompts: int, n: int, divisor: int) -> str:
 # {"CPU": 3, GPU: 1} (ResourcePoolManager.max_colocate_count = 3, verl/single_controller/ray/base.py:144-149,
 # :192), and each worker holds 1 of those CPUs (num_gpus=1/3 with no num_cpus: ray/actor.py:2050-2056)
 CPUS_PER_BUNDLE = 3
-# the task runner holds one CPU for the whole run (runner: ray.remote(num_cpus=1)), on a node Ray chooses,
-# BEFORE the pools are placed: with exactly 3 CPUs per GPU in the cluster, a pool's placement group
-# then waits forever. verl's other actors (rollout servers, agent-loop and reward workers) name no
-# resources and hold no CPU: Ray places them on nodes with no free CPU (ray/actor.py:2045-2066).
-RUNNER_CPUS = 1
+# verl's other actors (the task runner: plain ray.remote, as ours; rollout servers, agent-loop and
+# reward workers) hold no CPU while they run: Ray places them on nodes with no free CPU
+# (ray/actor.py:2045-2066), so only the bundles count.
 
 
 def check_cluster(pools: Pools, nodes: list[dict], resource: str = "GPU", available: dict | None = None) -> None:
@@ -111,11 +109,9 @@ def check_cluster(pools: Pools, nodes: list[dict], resource: str = "GPU", availa
     them. Each pool entry is one node's placement group of ``need`` bundles of 1 ``resource`` +
     :data:`CPUS_PER_BUNDLE` CPUs. ``available`` (NodeID -> resources, as
     ``ray._private.state.available_resources_per_node()`` returns them, what verl's own check reads)
-    is what is free right now: from inside the task runner, its CPU is already taken wherever Ray put
-    it, so the check is exact. Without it (the driver, before the runner exists) the runner's
-    :data:`RUNNER_CPUS` must fit on some node besides the pools. Checked before any data or model is
-    loaded (verl's own check counts GPUs only; a node short of CPUs makes a placement group wait
-    forever instead of failing)."""
+    is what is free right now (the task runner passes it: other jobs' actors count); without it, the
+    nodes' totals. Checked before any data or model is loaded (verl's own check counts GPUs only; a
+    node short of CPUs makes a placement group wait forever instead of failing)."""
     alive = [n for n in nodes if n.get("Alive", True)]
     if available is not None:
         res = [dict(available.get(n.get("NodeID"), {})) for n in alive]
@@ -130,8 +126,6 @@ def check_cluster(pools: Pools, nodes: list[dict], resource: str = "GPU", availa
     needs = (f"the run needs {pools.gpus} {resource} on {len(wanted)} node(s) ({layout}, from trainer.nnodes x "
              f"trainer.n_gpus_per_node = {pools.total[0]} x {pools.total[1]}, which counts ALL nodes of the run), "
              f"and {CPUS_PER_BUNDLE} CPUs per {resource} (verl's placement bundles)")
-    runner = (f"the task runner holds {RUNNER_CPUS} CPU " +
-              ("(already counted: the cluster's free resources)" if available is not None else "on any node"))
     for need in wanted:  # first-fit decreasing: each pool entry is one node's placement group
         for f in free:
             if f[0] >= need and f[1] >= CPUS_PER_BUNDLE * need:
@@ -139,11 +133,8 @@ def check_cluster(pools: Pools, nodes: list[dict], resource: str = "GPU", availa
                 f[1] -= CPUS_PER_BUNDLE * need
                 break
         else:
-            raise TAConfigError(f"{needs}, but {have}; {runner}; give trainer.nnodes / n_gpus_per_node that match "
+            raise TAConfigError(f"{needs}, but {have}; give trainer.nnodes / n_gpus_per_node that match "
                                 f"the allocation (and ray start --num-cpus)")
-    if available is None and not any(f[1] >= RUNNER_CPUS for f in free):
-        raise TAConfigError(f"{needs}, but {have}: no CPU is left for the task runner, which holds {RUNNER_CPUS} "
-                            f"CPU while the pools are placed; start Ray with more CPUs (ray start --num-cpus)")
 
 
 def check_trainer_divisibility(cfg: DictConfig, pools: Pools) -> None:
