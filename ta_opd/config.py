@@ -16,6 +16,7 @@ from ta_opd.errors import TAConfigError
 COMPATIBILITY_MODES = ("exact", "lower_bound")  # C (Eq. 10, exact where data allows) | Ĉ (Eq. 17)
 ENTROPY_MODES = ("full", "topk")  # full-vocabulary H | entropy of renormalized top-K / log K
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")  # Eq. 7 | the authors' code
+SEED_MAX = 2**64 - 1  # numpy's SeedSequence entropy and torch's manual_seed both take up to 64 bits
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ class TAConfig:
             raise TAConfigError(
                 f"min_keep_per_sequence={self.min_keep_per_sequence!r} is not allowed; it must be an integer >= 0"
             )
-        if not is_int(self.seed) or self.seed < 0:
-            raise TAConfigError(f"seed={self.seed!r} is not allowed; the seed must be an integer >= 0")
+        if not is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
+            raise TAConfigError(f"seed={self.seed!r} is not allowed; the seed must be an integer in [0, {SEED_MAX}]")
         for name in ("clip_low", "clip_high"):
             v = getattr(self, name)
             if not is_real(v) or v < 0:

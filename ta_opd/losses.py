@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from ta_opd._checks import check_mask, check_tensor
+from ta_opd._checks import check_mask, check_tensor, is_real
 from ta_opd.errors import TAConfigError, TAInputError
 from ta_opd.registry import Registry
 
@@ -375,9 +375,19 @@ def topk_reverse_kl_tokens(inp: LossInputs, **_) -> TokenLoss:
     return _topk_kl(inp, reverse=True)
 
 
+def _check_clip(clip_low, clip_high) -> None:
+    """The same rule as TAConfig: clip ranges >= 0, clip_low < 1 (the ratio floor 1 - clip_low > 0)."""
+    for name, v in (("clip_low", clip_low), ("clip_high", clip_high)):
+        if not is_real(v) or v < 0:
+            raise TAConfigError(f"{name}={v!r} is not allowed; clip ranges must be numbers >= 0")
+    if clip_low >= 1:
+        raise TAConfigError(f"clip_low={clip_low!r} is not allowed; it must be < 1 (ratio floor 1 - clip_low > 0)")
+
+
 def compute_loss(name: str, inp: LossInputs, *, clip_low: float = 0.2, clip_high: float = 0.28,
                  loss_agg: str = "token-mean", denominator=None) -> LossOutput:
     """Dispatch to a registered loss by name."""
+    _check_clip(clip_low, clip_high)
     return get_loss(name)(inp, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg, denominator=denominator)
 
 

@@ -341,6 +341,14 @@ def _student_chunk(x: torch.Tensor, k: int, entropy: str, start: int, ws: suppor
             f"student logits at flattened position {start + row} contain NaN or +inf "
             "(or are all -inf); statistics need finite logits"
         )
+    short = ~torch.isfinite(top_val[:, -1])  # fewer than K finite logits: the top-K holds -inf
+    if bool(short.any()):
+        row = int(short.nonzero()[0, 0])
+        raise TAInputError(
+            f"student logits at {int(short.sum())} position(s) have fewer than topk={k} finite values (first: "
+            f"flattened position {start + row}, {int(torch.isfinite(x[row]).sum())} finite); statistics over the "
+            "top-K support need at least K finite logits per position (lower topk)"
+        )
     h = h_full if entropy == "full" else support.topk_entropy(top_val)
     return log_z, h, top_val, top_ids
 
@@ -488,6 +496,10 @@ def dense_position_stats(
             row = int(torch.isnan(t_logp[:, 0]).nonzero()[0, 0])
             raise TAInputError(f"teacher logits at flattened position {a + row} contain NaN or +inf")
         t_lp[a:b], t_ids[a:b] = t_logp.topk(topk, dim=-1)
+        if not bool(torch.isfinite(t_lp[a:b, -1]).all()):
+            row = int((~torch.isfinite(t_lp[a:b, -1])).nonzero()[0, 0])
+            raise TAInputError(f"teacher logits at flattened position {a + row} have fewer than topk={topk} finite "
+                               "values; statistics over the top-K support need at least K finite logits (lower topk)")
         s_lp[a:b] = s_top_val - lz
         s_at_t[a:b] = x.gather(-1, t_ids[a:b]) - lz
         t_at_s[a:b] = t_logp.gather(-1, s_ids[a:b])

@@ -136,6 +136,20 @@ CASES: list[tuple[str, list[str]]] = [
     ("resume with another budget", ["trainer.default_local_dir={finished_run}", "ta_opd.budget=0.2"]),
     ("resume with another student", own(student="{other_student}") + ["trainer.default_local_dir={own_run}"]),
     ("output folder in use by a live run", ["trainer.default_local_dir={locked}"]),
+    # --- issue 20: values that cannot be meant, folders that belong to something else, links ---
+    ("min_keep_per_sequence above the response length", ["ta_opd.min_keep_per_sequence=100000000"]),
+    ("rollout.n beyond the machine's memory", ["actor_rollout_ref.rollout.n=100000000"]),
+    ("num_threads above the visible CPUs", ["+ta_opd.cpu.num_threads=100000"]),
+    ("resume_from_path given to the CPU backend", ["trainer.resume_from_path=/nonexistent/global_step_3"]),
+    ("resume a checkpoint beyond total_training_steps", ["trainer.default_local_dir={two_step_run}"]),
+    ("output folder is the student model folder", ["trainer.default_local_dir={toy}/student"]),
+    ("output folder is the toy cache", ["trainer.default_local_dir={cache}"]),
+    ("output folder is the data folder", ["trainer.default_local_dir={toy}/data"]),
+    ("rollout folder is the teacher model folder", ["trainer.rollout_data_dir={toy}/teacher"]),
+    ("rollout folder in use by a live run", ["trainer.rollout_data_dir={locked}"]),
+    ("lock file is a symbolic link", ["trainer.default_local_dir={linked_lock}"]),
+    ("hand-edited state.json as the only checkpoint", ["trainer.default_local_dir={edited_only}"]),
+    ("symlinked step folder as the only checkpoint", ["trainer.default_local_dir={linked_step}"]),
 ]
 
 BASE = [f"+ta_opd.toy.spec.{k}={v}" for k, v in TINY.items()] + [
@@ -226,12 +240,26 @@ def files(tiny_pair, tmp_path_factory):
     (ck.parent / "latest_checkpointed_iteration.txt").write_text("1")
     f["planted"] = d / "planted"
 
-    # real finished runs to resume with other settings: toy pair, and own models
-    for name, extra in (("finished_run", []), ("own_run", own())):
+    # real finished runs to resume with other settings: toy pair, own models, two steps
+    for name, extra in (("finished_run", []), ("own_run", own()), ("two_step_run", ["trainer.total_training_steps=2"])):
         status, _, err = run(_fill(BASE + [f"ta_opd.toy.cache_dir={cache}", f"trainer.default_local_dir={d / name}"]
                                    + extra, f))
         assert status == 0, err[-3000:]
         f[name] = d / name
+    (d / "victim.txt").write_text("not yours")  # what a planted lock link points at; must stay intact
+    (d / "linked_lock").mkdir()
+    (d / "linked_lock" / ".ta_opd.lock").symlink_to(d / "victim.txt")
+    f["linked_lock"] = d / "linked_lock"
+    shutil.copytree(d / "finished_run" / "checkpoints", d / "edited_only" / "checkpoints")
+    meta = d / "edited_only" / "checkpoints" / "global_step_1" / "state.json"
+    edited = json.loads(meta.read_text())
+    edited["state"]["step"] = "two"  # a hand edit: int("two") used to be a traceback
+    meta.write_text(json.dumps(edited))
+    f["edited_only"] = d / "edited_only"
+    (d / "linked_step" / "checkpoints").mkdir(parents=True)
+    (d / "linked_step" / "checkpoints" / "global_step_1").symlink_to(d / "finished_run" / "checkpoints" / "global_step_1")
+    (d / "linked_step" / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("1")
+    f["linked_step"] = d / "linked_step"
 
     ctx = multiprocessing.get_context("fork")
     ready, done = ctx.Event(), ctx.Event()
@@ -263,6 +291,8 @@ def _normalize(msg: str, f: dict) -> str:
     msg = msg.replace(str(ROOT), ".")
     msg = re.sub(r"\(content [0-9a-f]{8}\)", "(content <hash>)", msg)
     msg = re.sub(r"pid \d+ on host \S+ \(started [^;]*; command: [^)]*\)", "pid <pid> on host <host> (...)", msg)
+    msg = re.sub(r"but [0-9.]+ GiB is available", "but <available> GiB is available", msg)  # the machine's
+    msg = re.sub(r"integer in \[1, \d+\] \(the CPUs visible", "integer in [1, <cpus>] (the CPUs visible", msg)
     return msg
 
 
@@ -293,8 +323,9 @@ def test_every_bad_input_gets_a_clear_error(files, tmp_path):
         assert not (out / "checkpoints").exists(), what  # failed before the first step
         results.append((what, [_normalize(o, files) for o in _fill(overrides, files)], _normalize(lines[0], files)))
     assert not failures, "\n\n".join(failures)
-    assert len(results) >= 95  # the table never loses a case
+    assert len(results) >= 108  # the table never loses a case
     assert not (files["tmp"] / "PWNED").exists(), "a planted pickle ran"
+    assert (files["tmp"] / "victim.txt").read_text() == "not yours", "a lock was written through a link"
     table = _table(results)
     if os.environ.get("TA_OPD_WRITE_BAD_INPUTS"):
         TABLE.write_text(table)
@@ -349,9 +380,64 @@ def test_every_cpu_knob_is_one_row_of_the_plan():
     names, keys = [k.field for k in KNOBS], [k.key for k in KNOBS]
     assert len(set(names)) == len(names) and len(set(keys)) == len(keys)
     derived = {"ta", "pair", "test_file"}  # the TAConfig; what resolving the pair gives
-    plan_only = {"num_threads", "cache_dir"}  # the plan's own, not the trainer's
+    plan_only = {"num_threads", "cache_dir", "resume_from_path"}  # the plan's own, not the trainer's
     assert set(names) - plan_only == {f.name for f in fields(CPURunConfig)} - derived
     values = read(config(["trainer.experiment_name=t", "trainer.logger=console", "ta_opd.cpu.betas=[0,0.5]"]))
     assert set(values) == set(names)
     assert values["loggers"] == ("console",) and values["betas"] == (0.0, 0.5)  # one name is a list of one
     assert values["vocab_mismatch_ok_ids"] == () and values["chat_template_kwargs"] == {}
+
+
+# --- issue 20: the core API refuses what the command line refuses ----------------------------------
+def test_core_refuses_a_seed_beyond_64_bits_and_a_negative_clip():
+    import torch
+
+    from ta_opd import TAConfig
+    from ta_opd.errors import TAConfigError
+    from ta_opd.losses import LossInputs, compute_loss
+
+    TAConfig(seed=2**64 - 1)  # the widest seed torch and numpy's SeedSequence take
+    with pytest.raises(TAConfigError, match=r"seed=1180591620717411303424 is not allowed; .*\[0, 18446744073709551615\]"):
+        TAConfig(seed=2**70)
+    lp = torch.zeros(1, 3)
+    inp = LossInputs(mask=torch.ones(1, 3, dtype=torch.bool), log_prob=lp, old_log_prob=lp, teacher_log_prob=lp)
+    compute_loss("pg_opd", inp)
+    for kw, msg in (({"clip_low": -1}, "clip_low=-1 is not allowed"), ({"clip_low": 1.0}, "clip_low=1.0 is not allowed"),
+                    ({"clip_high": float("nan")}, "clip_high=nan is not allowed")):
+        with pytest.raises(TAConfigError, match=msg):
+            compute_loss("pg_opd", inp, **kw)
+
+
+def test_statistics_refuse_positions_with_fewer_than_k_finite_logits():
+    """Before: a position with fewer than K finite logits gave non-finite D/C silently."""
+    import torch
+
+    from ta_opd.errors import TAInputError
+    from ta_opd.stats import dense_position_stats, student_topk
+
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 10, generator=gen), torch.randn(2, 3, 10, generator=gen)
+    s[1, 2, 2:] = t[1, 2, 2:] = float("-inf")  # 2 finite logits at flattened position 5 (both models)
+    with pytest.raises(TAInputError, match=r"1 position\(s\) have fewer than topk=3 finite values \(first: flattened "
+                                           r"position 5, 2 finite\)"):
+        dense_position_stats(s, t, topk=3)
+    with pytest.raises(TAInputError, match="fewer than topk=3"):
+        student_topk(s, topk=3)
+    assert torch.isfinite(dense_position_stats(s, t, topk=2).D).all()  # K finite values are enough
+    t[0, 1, 1:] = float("-inf")  # only the teacher short at position 1
+    with pytest.raises(TAInputError, match=r"teacher logits at flattened position 1 have fewer than topk=2"):
+        dense_position_stats(s, t, topk=2)
+
+
+def test_diagnose_with_a_config_json_that_is_not_json(tmp_path, capsys):
+    """Before: transformers' OSError escaped as a traceback."""
+    from ta_opd.tools.diagnose.__main__ import cli
+
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    rc = cli(["--theta0", str(bad), "--theta-tau", str(bad), "--teacher", str(bad), "--bank", str(tmp_path / "b"),
+              "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"[ta-opd diagnose] error: --theta0={bad} cannot be loaded as a Hugging Face model")
+    assert "Traceback" not in err

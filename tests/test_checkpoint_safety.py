@@ -217,3 +217,123 @@ def test_killed_toy_build_folder_is_removed_on_the_next_build(tmp_path):
     said = []
     assert clean_stale_builds(tmp_path, log=said.append) == [leaked.name]
     assert not leaked.exists() and running.exists() and elsewhere.exists() and said
+
+
+# --- issue 20: full disks as the writer reports them, hand edits, links ----------------------------
+def _only_step_1(tmp_path):
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_1", checkpoint.TRACKER]
+    assert checkpoint.read_tracker(tmp_path) == 1 and _equal(checkpoint.load(tmp_path / "global_step_1"), _state(1))
+
+
+def test_safetensors_disk_full_error_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """Before: safetensors' Rust writer raised SafetensorError (not an OSError): a traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    checkpoint.save(tmp_path, 1, _state(1))
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"os error 28.*previous checkpoint is intact: global_step_1"):
+        checkpoint.save(tmp_path, 2, _state(2))
+    _only_step_1(tmp_path)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 5 MB tmpfs (needs mount rights: root in a container); skipped where it cannot be mounted."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a 5 MB tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_real_disk_full_on_a_5mb_filesystem(small_fs):
+    checkpoint.save(small_fs, 1, _state(1))
+    big = {**_state(2), "model": {"w": torch.zeros(2_000_000)}}  # 8 MB of tensors on a 5 MB disk
+    with pytest.raises(CheckpointError, match=r"No space left on device.*previous checkpoint is intact: global_step_1"):
+        checkpoint.save(small_fs, 2, big)
+    _only_step_1(small_fs)
+
+
+def _edit(path, change):
+    meta = json.loads((path / "state.json").read_text())
+    change(meta)
+    (path / "state.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit", ["step_text", "rng_garbled", "folder_step", "rehashed"])
+def test_hand_edited_state_json_falls_back_to_the_previous_checkpoint(tmp_path, edit):
+    """Before: "step": "two" -> ValueError, a malformed RNG state -> TypeError (rc 1)."""
+    checkpoint.save(tmp_path, 1, _state(1))
+    checkpoint.save(tmp_path, 2, _state(2))
+    ck = tmp_path / "global_step_2"
+    if edit == "step_text":
+        _edit(ck, lambda m: m["state"].update(step="two"))
+    elif edit == "rng_garbled":
+        _edit(ck, lambda m: m["state"].update(python_rng="garbled"))
+    elif edit == "folder_step":
+        _edit(ck, lambda m: m.update(step=5))
+    else:  # an editor who also recomputes the hash: the caller's field check catches it
+        _edit(ck, lambda m: (m["state"].update(step="two"), m.update(meta_sha256=checkpoint._meta_hash(m))))
+
+    def accept(path, state):
+        try:
+            int(state["step"]) if isinstance(state["step"], (int, str)) else None
+            random.setstate(state["python_rng"])
+        except (TypeError, ValueError) as e:
+            raise checkpoint.CorruptCheckpoint(f"{path}: {e}") from None
+
+    warnings = []
+    path, state = load_latest(tmp_path, warn=warnings.append, accept=accept)
+    assert path.name == "global_step_1" and _equal(state, _state(1))
+    assert len(warnings) == 1 and "global_step_2" in warnings[0]
+    if edit != "rehashed":
+        assert "sha256" in warnings[0] or "records step 5" in warnings[0]
+
+
+def test_trainer_refuses_unusable_fields_through_accept(tmp_path):
+    """The CPU trainer's accept: load_state's TypeError/ValueError become a skipped checkpoint."""
+    from recipe.ta_opd.cpu.trainer import CPUTrainer
+
+    class Stub:
+        identity = {"ta_opd.budget": 0.1}
+        load_state = CPUTrainer.load_state
+
+    stub = Stub()
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=r"state.json holds an unusable field \(ValueError"):
+        CPUTrainer._resume_from(stub, tmp_path, {**_state(1), "step": "two"})
+
+
+@pytest.mark.parametrize("what", ["tensors", "json", "folder"])
+def test_links_are_never_followed(tmp_path, what):
+    """A linked state.safetensors / state.json / step folder would read from outside the run folder."""
+    root, outside = tmp_path / "run", tmp_path / "elsewhere"
+    checkpoint.save(root, 1, _state(1))
+    checkpoint.save(outside, 2, _state(2))
+    checkpoint.save(root, 2, _state(2))
+    ck = root / "global_step_2"
+    if what == "folder":
+        import shutil
+
+        shutil.rmtree(ck)
+        ck.symlink_to(outside / "global_step_2")
+    else:
+        name = "state.safetensors" if what == "tensors" else "state.json"
+        (ck / name).unlink()
+        (ck / name).symlink_to(outside / "global_step_2" / name)
+    warnings = []
+    path, _ = load_latest(root, warn=warnings.append)
+    assert path.name == "global_step_1"
+    assert len(warnings) == 1 and "is a symbolic link" in warnings[0] and "never through a link" in warnings[0]
+    assert checkpoint.step_dirs(root) == ([1] if what == "folder" else [1, 2])

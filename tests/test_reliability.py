@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from ta_opd import TAConfig
-from ta_opd.errors import TAConfigError
+from ta_opd.errors import TAConfigError, TAInputError
 from tests.conftest import TINY
 from tests.test_cpu_backend import run_config
 
@@ -291,3 +291,148 @@ def test_sigkill_during_training_and_checkpoint_writes(tiny_pair, tmp_path):
     assert max(r["lost_steps"]) <= 1, r
     assert r["final_step"] == TOTAL_STEPS and r["max_abs_weight_diff"] == 0.0 and r["metrics_equal"], r
     assert r["leftovers"] == [], r
+
+
+# --- issue 20: links, the rollout folder, Ctrl-C -------------------------------------------------
+def test_symlinked_lock_is_refused_and_its_target_untouched(tmp_path):
+    """Before: the link was taken for a stale lock and the lock JSON written through it."""
+    from recipe.ta_opd import runlock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's file")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runlock.LOCK_NAME).symlink_to(victim)
+    for attempt in (lambda: runlock.acquire(run), lambda: runlock.check_free(run)):
+        with pytest.raises(TAConfigError, match=r"lock file .*\.ta_opd\.lock is a symbolic link .*Delete"):
+            attempt()
+    (run / "dangling").symlink_to(tmp_path / "nowhere")
+    os.replace(run / "dangling", run / runlock.LOCK_NAME)  # a dangling link would be created by O_CREAT
+    with pytest.raises(TAConfigError, match="symbolic link"):
+        runlock.acquire(run)
+    assert victim.read_text() == "someone else's file" and not (tmp_path / "nowhere").exists()
+    assert not runlock._held
+
+
+def test_rollout_folder_is_locked_with_its_own_key(tmp_path):
+    from recipe.ta_opd import runlock
+
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(tmp_path), ready, done))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(TAConfigError, match=rf"trainer.rollout_data_dir={tmp_path} is in use by another run: "
+                                                rf"pid {holder.pid}.*choose another trainer.rollout_data_dir"):
+            runlock.acquire(tmp_path, key="trainer.rollout_data_dir")
+    finally:
+        done.set()
+        holder.join(30)
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_where_the_run_stopped_and_the_rerun_resumes(tiny_pair, tmp_path):
+    """Before: a KeyboardInterrupt traceback and exit 1. Now one line naming the last checkpoint,
+    exit 130, the checkpoint intact (no temporary folder left), and the same command resumes it."""
+    from recipe.ta_opd.cpu import checkpoint
+
+    cache, _ = tiny_pair
+    ck = tmp_path / "checkpoints"
+    args = ["trainer.total_training_steps=40", "trainer.save_freq=1", "trainer.test_freq=0"]
+    first = _entry(args, cache, tmp_path)
+    try:
+        deadline = time.time() + 240
+        while checkpoint.read_tracker(ck) is None:
+            assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.05)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("[ta-opd] interrupted: ")]
+    step = checkpoint.read_tracker(ck)
+    assert lines == [f"[ta-opd] interrupted: the last checkpoint is {ck / f'global_step_{step}'} (step {step}); "
+                     "rerun the same command (trainer.resume_mode=auto) to resume from it"]
+    checkpoint.load(ck / f"global_step_{step}")  # intact: size, hash and state.json hash verify
+    again = _entry([f"trainer.total_training_steps={step + 1}", *args[1:]], cache, tmp_path)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert f"resumed from {ck / f'global_step_{step}'} at step {step}" in out
+    assert checkpoint.read_tracker(ck) == step + 1
+    assert not [p for p in ck.iterdir() if p.name.startswith(checkpoint.TMP_PREFIX)]
+
+
+def test_interrupt_line_without_a_checkpoint(tmp_path):
+    from recipe.ta_opd.messages import where_stopped
+    from tests.cli_inprocess import config
+
+    cfg = config([f"trainer.default_local_dir={tmp_path}"])
+    assert where_stopped(cfg) == f"no checkpoint was written in {tmp_path} yet; rerunning the same command starts over"
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("7")  # verl's layout: checkpoints in the folder
+    assert where_stopped(cfg).startswith(f"the last checkpoint is {tmp_path / 'global_step_7'} (step 7)")
+
+
+def test_resume_mode_auto_finds_a_renamed_copy_of_the_data_file(tmp_path):
+    """The identity compares content: a byte-identical data file under a new name is the same input."""
+    from recipe.ta_opd.run_identity import fingerprint
+
+    a = tmp_path / "train.parquet"
+    a.write_bytes(b"PAR1 same bytes PAR1")
+    b = tmp_path / "moved" / "renamed.parquet"
+    b.parent.mkdir()
+    shutil.copy(a, b)
+    assert fingerprint(a) == fingerprint(b)
+    b.write_bytes(b"PAR1 other bytes PAR1")
+    assert fingerprint(a) != fingerprint(b)
+
+
+def test_min_keep_equal_to_the_response_length_warns(tiny_pair, capsys):
+    from recipe.ta_opd.cpu.plan import _sizes
+
+    _, pair = tiny_pair
+    v = dict(max_response_length=8, prompts_per_step=4, n_samples=2, student_path=str(pair.student),
+             teacher_path=str(pair.teacher))
+    _sizes(v, TAConfig(min_keep_per_sequence=7))
+    assert "warning" not in capsys.readouterr().out
+    _sizes(v, TAConfig(min_keep_per_sequence=8))
+    assert "[ta-opd] warning: ta_opd.min_keep_per_sequence=8 equals data.max_response_length" in capsys.readouterr().out
+    with pytest.raises(TAConfigError, match="min_keep_per_sequence=9 is not allowed .*must be <= 8"):
+        _sizes(v, TAConfig(min_keep_per_sequence=9))
+
+
+def test_memory_estimate_refuses_with_the_numbers():
+    from recipe.ta_opd.cpu import preflight
+    from ta_opd.errors import TAInputError
+
+    need = preflight.step_bytes(sequences=8, response_length=16, vocab=1000, student_weights=10, teacher_weights=5)
+    assert need == 4 * 8 * 16 * 1000 * 4 + 4 * 10 + 5
+    preflight.check_memory(need, "x", available=need)
+    with pytest.raises(TAInputError, match=r"x needs at least 0\.0 GiB of memory per step, but 0\.0 GiB is available"):
+        preflight.check_memory(need, "x", available=need - 1)
+
+
+def test_verl_entry_applies_the_folder_resume_and_min_keep_rules(tiny_pair, tmp_path, capsys):
+    from recipe.ta_opd.verl_backend.entry import check_run_folders
+    from tests.cli_inprocess import config
+
+    _, pair = tiny_pair
+    base = [f"actor_rollout_ref.model.path={pair.student}", f"ta_opd.teacher_model_path={pair.teacher}",
+            f"data.train_files={pair.train_file}", f"data.val_files={pair.val_file}", "data.max_response_length=8"]
+    check_run_folders(config(base + [f"trainer.default_local_dir={tmp_path / 'run'}"]), TAConfig())
+    cases = [([f"trainer.default_local_dir={pair.student}"], "trainer.default_local_dir=.* is the model folder"),
+             ([f"trainer.rollout_data_dir={pair.train_file.parent}"], "trainer.rollout_data_dir=.* is the folder of "
+                                                                      "data.train_files"),
+             ([f"trainer.default_local_dir={pair.root}"], "contains the model folder"),
+             (["trainer.resume_from_path=/nonexistent/global_step_3"], "resume_from_path=/nonexistent/global_step_3 "
+                                                                       "does not exist"),
+             (["ta_opd.min_keep_per_sequence=9"], "min_keep_per_sequence=9 is not allowed .*must be <= 8")]
+    for extra, msg in cases:
+        cfg = config(base + [f"trainer.default_local_dir={tmp_path / 'run'}"] + extra)
+        with pytest.raises((TAConfigError, TAInputError), match=msg):
+            check_run_folders(cfg, TAConfig(min_keep_per_sequence=9) if "min_keep" in msg else TAConfig())
+    check_run_folders(config(base + [f"trainer.resume_from_path={tmp_path}"]), TAConfig())
+    assert f"trainer.resume_from_path={tmp_path} is ignored with trainer.resume_mode=auto" in capsys.readouterr().out

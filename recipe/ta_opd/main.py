@@ -8,7 +8,6 @@ front door: ``cpu/run.py`` (its knobs: ``cpu/plan.py``) or ``verl_backend/entry.
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from dataclasses import fields
@@ -19,10 +18,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ta_opd.config import TAConfig
 from ta_opd.errors import TAConfigError, TAInputError
 
+from recipe.ta_opd.messages import composition_error, where_stopped
 from recipe.ta_opd.naming import run_name
 
 # ta_opd.* keys that belong to the recipe rather than to TAConfig
-RECIPE_KEYS = {"backend", "teacher_model_path", "toy", "cpu", "teacher", "wandb_histogram", "vocab_mismatch_ok_ids", "dry_run"}
+RECIPE_KEYS = {"backend", "teacher_model_path", "toy", "cpu", "teacher", "wandb_histogram", "vocab_mismatch_ok_ids", "dry_run",
+               "token_export"}
 BACKENDS = ("auto", "cpu", "verl")
 
 
@@ -65,7 +66,8 @@ def run(cfg: DictConfig) -> dict:
 
 def guarded(cfg: DictConfig) -> int:
     """Run; a user mistake (bad value, missing or broken file, busy folder, full disk) prints
-    ``[ta-opd] error: ...`` and returns 2. Anything else propagates: a traceback is a bug."""
+    ``[ta-opd] error: ...`` and returns 2; Ctrl-C prints where the run stopped and returns 130.
+    Anything else propagates: a traceback is a bug."""
     from omegaconf.errors import OmegaConfBaseException
 
     from recipe.ta_opd.cpu.checkpoint import CheckpointError
@@ -80,30 +82,11 @@ def guarded(cfg: DictConfig) -> int:
     except OmegaConfBaseException as e:  # e.g. an interpolation to a missing key
         print(f"[ta-opd] error: configuration: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a checkpoint save in flight is discarded, the last one is intact
+        print(f"[ta-opd] interrupted: {where_stopped(cfg)}", file=sys.stderr)
+        return 130
     finally:
         release_all()
-
-
-def composition_error(e: Exception) -> str:
-    """One line for a mistake Hydra finds while composing (before ``main`` runs), naming what is allowed."""
-    import re
-
-    from hydra.errors import MissingConfigException, OverrideParseException
-
-    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options:  # +experiment=nope
-        group, _, name = e.missing_cfg_file.rpartition("/")
-        return f"{group}={name} is not allowed: there is no such {group}; choose one of: {', '.join(e.options)}"
-    if isinstance(e, OverrideParseException):
-        return f"cannot parse the override {e.override!r}: {text}"
-    missing, append = re.search(r"Could not override '([^']+)'", text), re.search(r"use (\+\S+)", text)
-    parent = getattr(e.__cause__, "parent_node", None)
-    if missing and append and OmegaConf.is_dict(parent):  # a misspelt key (data.max_respons_length=64)
-        name = str(e.__cause__.key)
-        close = difflib.get_close_matches(name, [str(k) for k in parent.keys()], n=1)
-        hint = f" (did you mean {e.__cause__.full_key[: -len(name)]}{close[0]}?)" if close else ""
-        return f"{missing[1]} is not a key of the configuration{hint}; to add a new key write {append[1]}"
-    return text
 
 
 _composed: list[bool] = []  # main() appends once Hydra has composed the config

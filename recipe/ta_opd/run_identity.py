@@ -29,7 +29,8 @@ def fingerprint(path: str | Path) -> str:
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
-        h.update(f"{f.relative_to(root) if f != root else f.name}\0{size}\0".encode())
+        # a file is its content alone (a renamed copy is the same input); a folder's files also by name
+        h.update(f"{f.relative_to(root) if f != root else ''}\0{size}\0".encode())
         with open(f, "rb") as fh:
             if size <= _WHOLE_FILE:
                 h.update(fh.read())

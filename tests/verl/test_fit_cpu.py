@@ -146,6 +146,10 @@ def test_verl_fit_runs_every_step_and_checkpoints(runs):
     for k in (2, 3):
         for rank in (0, 1):
             assert (runs.full / "ckpt" / f"global_step_{k}" / "actor" / f"model_world_size_2_rank_{rank}.pt").exists()
+    # test_freq=-1: the driver's kept-token page only at the last step (ta_opd/tools/kept_tokens.py)
+    assert sorted(p.name for p in (runs.full / "ckpt" / "kept_tokens").iterdir()) == [f"step_{STEPS}.html"]
+    page = (runs.full / "ckpt" / "kept_tokens" / f"step_{STEPS}.html").read_text(encoding="utf-8")
+    assert f"step {STEPS}" in page and 'class="tok kept"' in page
 
 
 def test_kept_count_is_exactly_ceil_rho_I(runs):

@@ -173,3 +173,54 @@ def test_vllm_teacher_backend_step(models):
                      teacher_log_prob=batch.batch[F.TEACHER_LOGP])
     torch.testing.assert_close(seen["loss"], compute_loss("pg_opd", inp).loss, atol=1e-5, rtol=1e-4)
     assert out.meta_info["metrics"]["ta_opd/kept_ratio"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_kept_token_page_from_the_driver_every_test_freq_steps(models, tmp_path):
+    """The driver writes ta_opd/tools/kept_tokens.py's page at selection time: the kept marks are the
+    mask the update saw, the hover numbers are the actor's statistics and log π_T - log π_old."""
+    import re
+    from dataclasses import replace
+    from html import unescape
+
+    from tests.test_kept_tokens import parse
+
+    trainer, _ = make_trainer(models, "ta_opd.budget=0.25", "trainer.test_freq=7", f"trainer.default_local_dir={tmp_path}",
+                              "trainer.experiment_name=hooks")
+    trainer.ta = replace(trainer.ta, token_export=True)  # as runner.py builds it from ta_opd.token_export
+    trainer.tokenizer = type("Tok", (), {"decode": staticmethod(
+        lambda ids, skip_special_tokens: "".join(f"<t{i}>" for i in ids))})()
+    raw = rollout_batch(B=8, P=5, R=7, seed=4)
+    batch = DataProto.from_dict(tensors=raw)
+    old, _ = trainer._compute_old_log_prob(batch)
+    batch = batch.union(old)
+    stats = {n: batch.batch[F.stat_key(n)].clone() for n in ("D", "C", "H")}
+    trainer._update_actor(batch)  # global step 7 = test_freq: the page is due
+    kept = trainer.actor_rollout_wg.seen["response_mask"].bool()
+    page = (tmp_path / "kept_tokens" / "step_7.html").read_text(encoding="utf-8")
+    assert "step 7 · hooks" in page and "ρ = 0.25" in page
+    spans = parse(page).spans
+    shown = [0, 4, 1, 5]  # one sample per prompt first (rollout.n = 4)
+    want = [(j, t) for j in shown for t in range(int(raw["response_mask"][j].sum()))]
+    assert len(spans) == len(want)
+    adv = batch.batch[F.TEACHER_LOGP] - batch.batch["old_log_probs"]
+    for (classes, title, text), (j, t) in zip(spans, want):
+        assert text == f"<t{int(raw['responses'][j, t])}>"  # escaped in the page, the token's text here
+        assert ("kept" in classes) == bool(kept[j, t])
+        got = dict(re.findall(r"(\w+)=(-?[\d.]+)", unescape(title)))
+        for name, ref in (("D", stats["D"]), ("C", stats["C"]), ("H", stats["H"]), ("advantage", adv)):
+            assert float(got[name]) == pytest.approx(float(ref[j, t]), abs=1e-3), (name, j, t)
+    trainer.global_steps = 8  # not a test_freq step and not the last: no page
+    batch = DataProto.from_dict(tensors=rollout_batch(B=8, P=5, R=7, seed=4))
+    batch = batch.union(trainer._compute_old_log_prob(batch)[0])
+    trainer._update_actor(batch)
+    assert sorted(p.name for p in (tmp_path / "kept_tokens").iterdir()) == ["step_7.html"]
+    # the opt-in token export: every step, one row per valid position
+    import pandas as pd
+
+    for step in (7, 8):
+        tok = pd.read_parquet(tmp_path / "tokens" / f"step_{step}.parquet")
+        assert len(tok) == int(raw["response_mask"].sum()) and set(tok["step"]) == {step}
+        assert int(tok["kept"].sum()) == -(-len(tok) // 4)  # ceil(0.25 |I|)
+    first = pd.read_parquet(tmp_path / "tokens" / "step_7.parquet")
+    assert torch.equal(torch.tensor(first["kept"].to_numpy()), kept[raw["response_mask"].bool()])
+    assert list(first["token"][:2]) == [f"<t{int(raw['responses'][0, t])}>" for t in range(2)]

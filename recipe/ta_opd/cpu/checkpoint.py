@@ -10,8 +10,13 @@ Layout of ``<root>/global_step_<n>/``:
 A checkpoint is written into ``.tmp_global_step_<n>_*``, every file and folder is fsynced, the
 folder is renamed into place, and then ``latest_checkpointed_iteration.txt`` (verl's tracker
 file) is replaced atomically: a kill at any point leaves the previous checkpoint as the latest.
-Loading verifies the size and hash; a corrupt latest checkpoint falls back to the previous one
-with a warning. Only the newest ``keep`` checkpoints are kept (verl's
+Loading verifies the size and hash of the tensors file and the hash of ``state.json`` itself (a
+hand edit is a corrupt checkpoint); a corrupt latest checkpoint falls back to the previous one
+with a warning, and so does one the caller's ``accept`` refuses (e.g. a field of the wrong type).
+Symbolic links are never followed: a linked step folder, ``state.json`` or ``state.safetensors``
+is a corrupt checkpoint, so nothing is read from outside the run folder. A full disk (``OSError``
+or safetensors' own error for ENOSPC) is a :class:`CheckpointError` that names the intact previous
+checkpoint. Only the newest ``keep`` checkpoints are kept (verl's
 ``trainer.max_actor_ckpt_to_keep``; ``None`` keeps all). A legacy or planted ``state.pt`` is
 never read.
 """
@@ -41,6 +46,16 @@ _STEP_DIR = re.compile(r"^global_step_(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (e.g. disk full) or no checkpoint can be resumed."""
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError, and safetensors' own error (its Rust writer reports
+    ENOSPC as ``SafetensorError: ... No space left on device (os error 28)``, not as an OSError)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors
+        return (OSError,)
+    return (OSError, SafetensorError)
 
 
 class CorruptCheckpoint(Exception):
@@ -155,7 +170,8 @@ def step_dirs(root: str | Path) -> list[int]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+    return sorted(int(m.group(1)) for p in root.iterdir()
+                  if (m := _STEP_DIR.match(p.name)) and p.is_dir() and not p.is_symlink())
 
 
 def clean_tmp(root: str | Path) -> list[str]:
@@ -201,7 +217,7 @@ def save(root: str | Path, step: int, state: dict, student=None, tokenizer=None,
         os.replace(tracker_tmp, root / TRACKER)
         _fsync(root)
         _fault("tracker_written")
-    except OSError as e:
+    except _write_errors() as e:
         raise CheckpointError(f"could not write checkpoint {final} ({type(e).__name__}: {e}); "
                               f"the previous checkpoint is intact: {latest_step_text(root)}") from e
     finally:
@@ -233,7 +249,23 @@ def _write_state(folder: Path, step: int, state: dict) -> None:
     save_file(stored, str(folder / TENSORS))
     meta = {"format": FORMAT, "step": step, "state": tree, "aliases": aliases,
             TENSORS: {"bytes": (folder / TENSORS).stat().st_size, "sha256": _sha256(folder / TENSORS)}}
-    _write_text(folder / META, json.dumps(meta))
+    _write_text(folder / META, json.dumps(meta | {META_HASH: _meta_hash(meta)}))
+
+
+META_HASH = "meta_sha256"  # sha256 of state.json's other fields (canonical JSON): a hand edit is detected
+
+
+def _meta_hash(meta: dict) -> str:
+    body = json.dumps({k: v for k, v in meta.items() if k != META_HASH}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _no_links(path: Path) -> None:
+    """A checkpoint is read only from real files inside the run folder, never through a link."""
+    for p in (path, path / META, path / TENSORS):
+        if p.is_symlink():
+            raise CorruptCheckpoint(f"{p} is a symbolic link (to {os.readlink(p)}); checkpoint files are read only "
+                                    "from inside the run folder, never through a link")
 
 
 def prune(root: str | Path, keep: int | None, current: int) -> list[int]:
@@ -252,6 +284,7 @@ def prune(root: str | Path, keep: int | None, current: int) -> list[int]:
 def read_meta(path: str | Path) -> dict:
     """state.json of one checkpoint folder (cheap: no tensors); CorruptCheckpoint if unreadable."""
     path = Path(path)
+    _no_links(path)
     if not (path / META).is_file() or not (path / TENSORS).is_file():
         legacy = " (it has a state.pt, a pickle; pickles are never loaded because they can run code)" \
             if (path / "state.pt").exists() else ""
@@ -262,6 +295,11 @@ def read_meta(path: str | Path) -> dict:
         raise CorruptCheckpoint(f"{path / META} is unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "state" not in meta:
         raise CorruptCheckpoint(f"{path / META} is not a format-{FORMAT} checkpoint")
+    if META_HASH in meta and meta[META_HASH] != _meta_hash(meta):
+        raise CorruptCheckpoint(f"{path / META} does not match its recorded sha256: edited or altered")
+    m = _STEP_DIR.match(path.name)
+    if m and meta.get("step") != int(m.group(1)):
+        raise CorruptCheckpoint(f"{path / META} records step {meta.get('step')!r}, but the folder is {path.name}")
     return meta
 
 
@@ -302,9 +340,12 @@ def read_tracker(root: str | Path) -> int | None:
     return int(text.strip())
 
 
-def load_latest(root: str | Path, warn: Callable[[str], None] = print) -> tuple[Path, dict] | None:
+def load_latest(root: str | Path, warn: Callable[[str], None] = print,
+                accept: Callable[[Path, dict], None] | None = None) -> tuple[Path, dict] | None:
     """(folder, state) of the checkpoint to resume, or None when there is none. The tracker's step
-    is tried first, then older checkpoints (each skip is warned); nothing loadable is an error."""
+    is tried first, then older checkpoints (each skip is warned); nothing loadable is an error.
+    ``accept(folder, state)`` may raise CorruptCheckpoint to skip a checkpoint whose contents the
+    caller cannot use (e.g. a field of the wrong type), with the same fallback."""
     root = Path(root)
     steps = step_dirs(root)
     latest = read_tracker(root)
@@ -318,9 +359,11 @@ def load_latest(root: str | Path, warn: Callable[[str], None] = print) -> tuple[
     for s in candidates:
         path = root / f"global_step_{s}"
         try:
-            if not path.is_dir():
+            if not path.is_dir() and not path.is_symlink():
                 raise CorruptCheckpoint(f"{path} does not exist")
             state = load(path)
+            if accept is not None:
+                accept(path, state)
         except CorruptCheckpoint as e:
             problems.append(str(e))
             warn(f"[ta-opd] warning: checkpoint {path.name} is not loadable ({e}); trying the previous one")

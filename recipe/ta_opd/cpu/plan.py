@@ -4,7 +4,9 @@
 Every knob is ONE row of :data:`KNOBS`: the CPURunConfig field, the Hydra key the user sets
 (errors name it) and its rule. :func:`plan` reads and checks each row once, proves the output
 folders writable, resolves the pair (no model paths: the toy pair, built once and cached) and
-checks the model folders and data files, all before a model is loaded. Every failure raises
+checks the model folders and data files, then the sizes (``_sizes``: min_keep against the
+response length, a step's memory against the machine's) and that no output folder is one the run
+reads, all before a model is loaded. Every failure raises
 ``TAConfigError`` / ``TAInputError`` as ``<key>=<value> is not allowed; <what is allowed>``
 (``python -m recipe.ta_opd.main`` prints it as ``[ta-opd] error: ...`` and exits 2).
 
@@ -66,12 +68,13 @@ _text = need(lambda v: isinstance(v, str) and v != "", "it must be a non-empty s
 _folder_or_null = need(lambda v: v is None or isinstance(v, str), "give a folder path")
 _model = need(lambda v: v is None or (isinstance(v, str) and v != ""),
               "give a Hugging Face model folder (or null for both models: the toy pair)")
+_flag = need(lambda v: isinstance(v, bool), "it must be true or false")
 _mapping = need(lambda v: v is None or isinstance(v, dict), "it must be a mapping (e.g. {enable_thinking: false})")
 
 
 @dataclass(frozen=True)
 class Knob:
-    field: str  # CPURunConfig field (num_threads, cache_dir: the plan's own)
+    field: str  # CPURunConfig field (num_threads, cache_dir, resume_from_path: the plan's own)
     key: str  # the Hydra key a user sets; errors name it
     rule: Rule
     read: Callable[[Any], Any] = lambda v: v  # the checked value as the trainer takes it
@@ -118,8 +121,14 @@ KNOBS: tuple[Knob, ...] = (
     Knob("heldout_kl_prompts", "ta_opd.cpu.heldout_kl_prompts", at_least(1), default=64),
     Knob("eval_batch_size", "ta_opd.cpu.eval_batch_size", at_least(1), default=256),
     Knob("chat_template_kwargs", "data.apply_chat_template_kwargs", _mapping, lambda v: dict(v or {})),
-    Knob("num_threads", "ta_opd.cpu.num_threads",
-         need(lambda v: v is None or (is_int(v) and v >= 1), "it must be an integer >= 1 or null")),
+    Knob("token_export", "ta_opd.token_export", _flag, default=False),
+    Knob("wandb_histogram", "ta_opd.wandb_histogram", _flag, default=True),
+    Knob("num_threads", "ta_opd.cpu.num_threads", need(
+        lambda v: v is None or (is_int(v) and 1 <= v <= preflight.visible_cpus()),
+        f"it must be null or an integer in [1, {preflight.visible_cpus()}] (the CPUs visible to this process)")),
+    Knob("resume_from_path", "trainer.resume_from_path", need(
+        lambda v: v is None, "the CPU backend resumes only the newest checkpoint of trainer.default_local_dir "
+        "(trainer.resume_mode=auto): set trainer.default_local_dir to that run's folder instead")),
     Knob("out_dir", "trainer.default_local_dir", need(lambda v: isinstance(v, str) and v != "", "give a folder path")),
     Knob("cache_dir", "ta_opd.toy.cache_dir", _folder_or_null),
     # the pair: both model paths, or neither for the toy pair (resolved by _pair)
@@ -212,6 +221,33 @@ def _pair(cfg: DictConfig, v: dict[str, Any]) -> dict[str, Any]:
     return out | {"pair": pair}
 
 
+def _sizes(v: dict[str, Any], ta: TAConfig) -> None:
+    """Values that are legal alone but cannot be meant together, and a step that cannot fit in
+    memory: refused (or warned) before a model is loaded."""
+    L = v["max_response_length"]
+    if ta.min_keep_per_sequence > L:
+        raise TAConfigError(f"ta_opd.min_keep_per_sequence={ta.min_keep_per_sequence} is not allowed with "
+                            f"data.max_response_length={L}; a response has at most {L} positions, so every position "
+                            f"would be kept and ta_opd.budget={ta.budget} would have no effect (it must be <= {L})")
+    if ta.min_keep_per_sequence == L:
+        print(f"[ta-opd] warning: ta_opd.min_keep_per_sequence={L} equals data.max_response_length: every position "
+              f"of every response is kept, so ta_opd.budget={ta.budget} has no effect")
+    vocab = preflight.vocab_of(v["student_path"])
+    if vocab is not None:
+        S = v["prompts_per_step"] * v["n_samples"]
+        need = preflight.step_bytes(S, L, vocab, preflight.weight_bytes(v["student_path"]),
+                                    preflight.weight_bytes(v["teacher_path"]))
+        preflight.check_memory(need, f"data.train_batch_size={v['prompts_per_step']} x actor_rollout_ref.rollout.n="
+                               f"{v['n_samples']} = {S} sequences of data.max_response_length={L} tokens over "
+                               f"{vocab} logits")
+
+
+def _default_cache() -> str:
+    from ta_opd.tools.toy.build import DEFAULT_CACHE
+
+    return str(DEFAULT_CACHE)
+
+
 def _path(p: str) -> str:
     return str(Path(os.path.expanduser(p)))
 
@@ -221,9 +257,17 @@ def plan(cfg: DictConfig, ta: TAConfig) -> CPUPlan:
     from recipe.ta_opd.cpu.trainer import CPURunConfig
 
     v = read(cfg)
-    out_dir = str(preflight.check_writable(v["out_dir"], "trainer.default_local_dir"))
+    out_dir = str(preflight.check_writable(v["out_dir"], "trainer.default_local_dir"))  # (its probe file is removed)
     if v["rollout_dir"]:
         preflight.check_writable(v["rollout_dir"], "trainer.rollout_data_dir")
-    v |= _pair(cfg, v) | {"out_dir": out_dir, "ta": ta}
+    v |= _pair(cfg, v)
+    _sizes(v, ta)
+    cache = v["cache_dir"] or _default_cache() if v["pair"] == "the CPU toy" else None
+    models = {"actor_rollout_ref.model.path": v["student_path"], "ta_opd.teacher_model_path": v["teacher_path"]}
+    data = {"data.train_files": v["train_file"], "data.val_files": v["val_file"], "toy test split": v["test_file"]}
+    for key in ("out_dir", "rollout_dir"):  # before the lock, a checkpoint or a rollout is written there
+        if v[key]:
+            preflight.check_not_an_input(v[key], key_of(key), models, data, cache)
+    v |= {"out_dir": out_dir, "ta": ta}
     run = CPURunConfig(**{f.name: v[f.name] for f in fields(CPURunConfig)})
     return CPUPlan(run=run, num_threads=v["num_threads"])

@@ -143,3 +143,81 @@ def check_toy_cache(cache_dir, spec) -> None:
     root = Path(cache_dir or DEFAULT_CACHE).expanduser()
     if shipped.find(spec.key()) is None and not (root / spec.key() / "manifest.json").exists():
         check_writable(root, "ta_opd.toy.cache_dir" if cache_dir else f"the toy cache ($TA_OPD_CACHE or {DEFAULT_CACHE})")
+
+
+# --- folders the run writes vs. what it reads -----------------------------------------------------
+def _within(a: Path, b: Path) -> bool:
+    """a is b or inside b (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_not_an_input(path: str | Path, key: str, models: dict[str, str], data: dict[str, str],
+                       cache: str | Path | None) -> None:
+    """A folder the run writes must not be, contain or (for models) lie inside a model folder, a data
+    file's folder or the toy cache the run reads: checkpoints and plots would land in the model
+    folder (changing its fingerprint, so the run could never resume) or mix with the data."""
+    out = Path(path).expanduser().resolve()
+    local = lambda v: v and "://" not in str(v) and Path(str(v)).expanduser().exists()  # noqa: E731 (hub ids, URLs: no folder)
+    reads: list[tuple[str, Path, bool]] = [(f"the model folder {k}={v}", Path(str(v)).expanduser().resolve(), True)
+                                           for k, v in models.items() if local(v)]
+    reads += [(f"the folder of {k}={v}", Path(str(v)).expanduser().resolve().parent, False)
+              for k, v in data.items() if local(v)]
+    if cache is not None:
+        reads.append((f"the toy cache {cache}", Path(cache).expanduser().resolve(), False))
+    for what, p, no_inside in reads:
+        if _within(p, out) or (no_inside and _within(out, p)):
+            where = "is" if out == p else ("contains" if _within(p, out) else "is inside")
+            raise TAInputError(f"{key}={path} {where} {what}, which the run reads, and the run writes into "
+                               f"{key}; choose a folder of its own (e.g. under runs/)")
+
+
+# --- machine resources --------------------------------------------------------------------------
+def available_memory() -> int | None:
+    """Bytes the kernel reports as available (Linux: MemAvailable), else the physical memory; None
+    when neither is known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def vocab_of(model: str | Path) -> int | None:
+    """``vocab_size`` of a model folder's config.json (already checked to parse), if it holds one."""
+    try:
+        v = json.loads((Path(model).expanduser() / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def weight_bytes(model: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(model).expanduser().glob("*.safetensors"))
+
+
+def step_bytes(sequences: int, response_length: int, vocab: int, student_weights: int, teacher_weights: int) -> int:
+    """A lower bound on what one CPU step holds at once: four (S, R, V) fp32 logit tensors (the
+    student's scoring pass, the teacher's, the update's forward and its gradient; prompt tokens not
+    counted) plus the student in fp32 with its gradient and two AdamW moments, and the teacher."""
+    return 4 * sequences * response_length * vocab * 4 + 4 * student_weights + teacher_weights
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_memory(need: int, what: str, available: int | None = None) -> None:
+    available = available_memory() if available is None else available
+    if available is not None and need > available:
+        raise TAInputError(f"{what} needs at least {_gib(need)} of memory per step, but {_gib(available)} is "
+                           "available; lower data.train_batch_size, actor_rollout_ref.rollout.n or "
+                           "data.max_response_length")
+
+
+def visible_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,5 +1,5 @@
 """The CPU backend's ``run(cfg, ta)`` (what ``ta_opd.backend=cpu`` calls): plan, lock the output
-folder, set the torch threads, train, print the summary."""
+folder (and the rollout folder), set the torch threads, train, print the summary."""
 
 from __future__ import annotations
 
@@ -39,11 +39,21 @@ def run(cfg: DictConfig, ta: TAConfig) -> dict:
     p = plan(cfg, ta)  # every knob, folder, model and data file, before anything is loaded
     rc = p.run
     runlock.acquire(rc.out_dir)  # one run per folder; released by main.guarded() when the run ends
+    if rc.rollout_dir:  # its rollouts too: two runs must not overwrite each other's step files
+        runlock.acquire(rc.rollout_dir, key="trainer.rollout_data_dir")
     print(set_threads(p.num_threads))
     tracker = Tracking(project_name=rc.project, experiment_name=rc.experiment, default_backend=list(rc.loggers),
                        config=OmegaConf.to_container(cfg, resolve=True))
+    wandb = tracker.logger.get("wandb")
+    if wandb is not None:  # the resolved pair (the toy's model paths are null in the Hydra config)
+        wandb.config.update({"pair": {"name": rc.pair, "student": rc.student_path, "teacher": rc.teacher_path}})
     score_fn, grading = resolve_score_fn(cfg.get("reward"))
     print(f"[ta-opd] grading: {grading}")
-    summary = CPUTrainer(rc, tracker=tracker, grader=Grader(score_fn)).fit()
+    ok = False
+    try:
+        summary = CPUTrainer(rc, tracker=tracker, grader=Grader(score_fn)).fit()
+        ok = True
+    finally:
+        tracker.finish(exit_code=0 if ok else 1)  # the W&B run is closed (and marked failed on an error)
     print("[ta-opd] summary: " + json.dumps(summary, indent=2))
     return summary

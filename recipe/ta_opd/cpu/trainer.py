@@ -25,6 +25,7 @@ from recipe.ta_opd.cpu.evaluate import greedy_texts, heldout_kl
 from recipe.ta_opd.cpu.step import score_batch, update
 from recipe.ta_opd.grading import Grader
 from ta_opd.config import TAConfig
+from ta_opd.tools import kept_tokens
 from ta_opd.tools.diagnose import bank
 from ta_opd.errors import TAConfigError
 from ta_opd.metrics import kept_advantage_metrics
@@ -68,6 +69,8 @@ class CPURunConfig:
     eval_batch_size: int = 256  # sequences per evaluation forward / generation batch
     chat_template_kwargs: dict = field(default_factory=dict)  # data.apply_chat_template_kwargs (verl's key)
     max_ckpt_to_keep: int | None = None  # newest checkpoints kept (trainer.max_actor_ckpt_to_keep; None: all)
+    token_export: bool = False  # every step's per-token numbers to <out_dir>/tokens/step_<n>.parquet
+    wandb_histogram: bool = True  # the selector score's W&B histogram each step (when wandb is a logger)
 
 
 def _load(path: str, key: str = "model path"):
@@ -110,6 +113,7 @@ class CPUTrainer:
         self.history: list[dict] = []
         self.before: dict = {}
         self.tracker = tracker
+        self._warned_wandb = False
         self.ckpt_dir = Path(cfg.out_dir) / "checkpoints"
         self.identity = identity.of(cfg)  # stored with each checkpoint; a resume must match it
 
@@ -142,12 +146,26 @@ class CPUTrainer:
                 self.log(f"[ta-opd] trainer.resume_mode=disable: starting over; this run's checkpoints replace "
                          f"those in {self.ckpt_dir}")
             return
-        found = checkpoint.load_latest(self.ckpt_dir, warn=self.log)
+        found = checkpoint.load_latest(self.ckpt_dir, warn=self.log, accept=self._resume_from)
         if found is not None:
-            path, state = found
-            identity.check_resume(state.get("identity"), self.identity, path)
+            self.log(f"resumed from {found[0]} at step {self.step}")
+        if self.step > self.cfg.total_steps:
+            raise TAConfigError(f"the checkpoint resumed from {self.ckpt_dir} is at step {self.step}, beyond "
+                                f"trainer.total_training_steps={self.cfg.total_steps}; set it to more than {self.step} "
+                                "to train on, or set trainer.resume_mode=disable to start over")
+        if found is not None and self.step == self.cfg.total_steps:
+            self.log(f"[ta-opd] the checkpoint is at trainer.total_training_steps={self.step}: nothing left to train "
+                     "(raise trainer.total_training_steps to continue); writing the summary")
+
+    def _resume_from(self, path: Path, state: dict) -> None:
+        """Load a checkpoint of THIS run; a field of the wrong type or shape (a hand-edited state.json
+        of an old checkpoint without its own hash) skips to the previous checkpoint."""
+        identity.check_resume(state.get("identity"), self.identity, path)
+        try:
             self.load_state(state)
-            self.log(f"resumed from {path} at step {self.step}")
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise checkpoint.CorruptCheckpoint(f"{path / checkpoint.META} holds an unusable field "
+                                               f"({type(e).__name__}: {e})") from None
 
     def save(self) -> Path:
         return checkpoint.save(self.ckpt_dir, self.step, self.state(), self.student, self.tok,
@@ -199,6 +217,7 @@ class CPUTrainer:
         sample_rows = [r for r in rows for _ in range(cfg.n_samples)]
         if cfg.rollout_dir:
             self.write_rollouts(rows, prompts, ro, texts, scored.old_logp)
+        self.show_selection(ro, scored, rows, self.step + 1)
         m.update(scored.selection.metrics)
         m.update(kept_advantage_metrics(scored.teacher_logp - scored.old_logp, valid, scored.selection.mask))
         m.update({
@@ -212,6 +231,56 @@ class CPUTrainer:
             "ta_opd/timing/step_cpu_s": time.process_time() - c0,  # CPU seconds of all threads: robust to other load
         })
         return m
+
+    def show_selection(self, ro, scored, rows, step: int) -> None:
+        """What was kept, for a person (ta_opd/tools/kept_tokens.py): the HTML page
+        ``<out_dir>/kept_tokens/step_<n>.html`` every test_freq steps and at the last step (also to
+        W&B as ``ta_opd/kept_tokens``), the score histogram to W&B each step, and with
+        ``ta_opd.token_export`` every step's token rows to ``<out_dir>/tokens/step_<n>.parquet``."""
+        cfg = self.cfg
+        page_due = (cfg.test_freq > 0 and step % cfg.test_freq == 0) or step == cfg.total_steps
+        wb = self.wandb_run()
+        valid = ro.response_mask
+        if wb is not None and cfg.wandb_histogram:
+            wb.log({"ta_opd/score_hist": wb.Histogram(scored.selection.scores[valid].float().numpy())}, step=step,
+                   commit=False)
+        if not (page_due or cfg.token_export):
+            return
+        shown = valid.clone()
+        if not cfg.token_export:  # decode only what the page shows
+            on_page = torch.zeros(len(shown), dtype=torch.bool)
+            on_page[kept_tokens.one_per_prompt(len(shown), cfg.n_samples, SHOWN_ROLLOUTS)] = True
+            shown &= on_page.unsqueeze(-1)
+        view = kept_tokens.TokenView.of(
+            ro.responses, kept_tokens.decode_tokens(self._decode_one, ro.responses, shown), valid, scored.stats.D,
+            scored.stats.compatibility(cfg.ta.compatibility), scored.stats.H, scored.selection.scores,
+            scored.selection.mask & valid, scored.teacher_logp - scored.old_logp)
+        out = Path(cfg.out_dir)
+        if cfg.token_export:
+            write_atomic(out / "tokens" / f"step_{step}.parquet",
+                         lambda tmp: pd_frame(kept_tokens.export_rows(view, step)).to_parquet(tmp, index=False))
+        if page_due:
+            header = kept_tokens.Header(step=step, rho=cfg.ta.budget, selector=cfg.ta.selector, title=cfg.experiment,
+                                        kept_ratio=float(scored.selection.mask[valid].float().mean()))
+            prompts = [_last_message(r) for r in rows for _ in range(cfg.n_samples)]
+            show = kept_tokens.one_per_prompt(len(prompts), cfg.n_samples, SHOWN_ROLLOUTS)
+            page = kept_tokens.render_page(view, header, show=show, prompts=prompts)
+            write_atomic(out / "kept_tokens" / f"step_{step}.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
+            if wb is not None:
+                wb.log({"ta_opd/kept_tokens": wb.Html(page, inject=False, data_is_not_path=True)}, step=step, commit=False)
+
+    def _decode_one(self, token_id: int) -> str:
+        """One token's text, special tokens included (EOS shows on the page)."""
+        return self.tok.decode([token_id], skip_special_tokens=False)
+
+    def wandb_run(self):
+        """The wandb module verl's Tracking initialised, or None when wandb is not a logger."""
+        loggers = getattr(self.tracker, "logger", None)
+        if "wandb" in self.cfg.loggers and not isinstance(loggers, dict) and not self._warned_wandb:
+            self._warned_wandb = True
+            self.log("[ta-opd] wandb is a logger but the tracker exposes no wandb run: the score histogram and "
+                     "the kept-token panel are not logged to W&B")
+        return loggers.get("wandb") if isinstance(loggers, dict) else None
 
     def write_rollouts(self, rows, prompts, ro, texts, old_logp) -> None:
         """This step's rollouts as a context bank (ta_opd/tools/diagnose/bank.py schema), one parquet per step."""
@@ -285,6 +354,28 @@ class CPUTrainer:
                     f"TA-OPD ({cfg.ta.selector}, rho={cfg.ta.budget}, K={cfg.ta.topk}) on {cfg.pair}")
         report.write_summary(out / "summary.json", summary)
         return summary
+
+
+SHOWN_ROLLOUTS = 4  # sequences on the kept-token page: one per prompt first (kept_tokens.one_per_prompt)
+
+
+def _last_message(row: dict) -> str:
+    """The prompt's last chat message, as the page shows it above the response."""
+    return str(list(row["prompt"])[-1]["content"])
+
+
+def pd_frame(rows: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=["step", *kept_tokens.EXPORT_COLUMNS])
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp.{path.name}")
+    write(tmp)
+    tmp.replace(path)
 
 
 def check_vocab(s_tok, t_tok, student, teacher, allowed_mismatch_ids=()) -> int:

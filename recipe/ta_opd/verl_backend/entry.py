@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ta_opd.config import TAConfig
 from ta_opd.errors import TAConfigError
@@ -28,6 +28,37 @@ def local_data_files(files, key: str):
             f = str(path.resolve())
         out.append(f)
     return out if many else out[0]
+
+
+def check_run_folders(cfg: DictConfig, ta: TAConfig) -> None:
+    """The CPU backend's rules where they apply on verl: output and rollout folders that are (or
+    contain) a model or data folder the run reads, a resume path that points nowhere, and
+    min_keep_per_sequence above the response length."""
+    from recipe.ta_opd.cpu.preflight import check_not_an_input
+
+    models = {"actor_rollout_ref.model.path": cfg.actor_rollout_ref.model.path,
+              "ta_opd.teacher_model_path": cfg.ta_opd.teacher_model_path}
+    data = {}
+    for key in ("data.train_files", "data.val_files"):
+        files = OmegaConf.select(cfg, key)
+        for i, f in enumerate([files] if isinstance(files, str) else list(files or [])):
+            data[key if i == 0 else f"{key}[{i}]"] = str(f)
+    for key in ("trainer.default_local_dir", "trainer.rollout_data_dir"):
+        if OmegaConf.select(cfg, key):
+            check_not_an_input(str(OmegaConf.select(cfg, key)), key, models, data, cache=None)
+    resume = cfg.trainer.get("resume_from_path")
+    if resume and not Path(os.path.expanduser(str(resume))).exists():
+        raise TAConfigError(f"trainer.resume_from_path={resume} does not exist; give a global_step_<n> folder, or "
+                            "null to resume the newest checkpoint of trainer.default_local_dir")
+    if resume and cfg.trainer.get("resume_mode") == "auto":
+        print(f"[ta-opd] warning: trainer.resume_from_path={resume} is ignored with trainer.resume_mode=auto (verl "
+              "then resumes the newest checkpoint of trainer.default_local_dir); set trainer.resume_mode=resume_path "
+              "to resume from it")
+    length = cfg.data.get("max_response_length")
+    if isinstance(length, int) and ta.min_keep_per_sequence > length:
+        raise TAConfigError(f"ta_opd.min_keep_per_sequence={ta.min_keep_per_sequence} is not allowed with "
+                            f"data.max_response_length={length}; every position would be kept and ta_opd.budget="
+                            f"{ta.budget} would have no effect (it must be <= {length})")
 
 
 def run(cfg: DictConfig, ta: TAConfig) -> dict:
@@ -52,8 +83,17 @@ def run(cfg: DictConfig, ta: TAConfig) -> dict:
           f"shared vocabulary {p.vocab_size}, K={ta.topk}, K'={ta.teacher_topk}, rho={ta.budget}, selector {ta.selector}")
     summary = {"backend": "verl", "loss_mode": p.loss_mode, "vocab_size": p.vocab_size, "teacher_pool": p.teacher_pool,
                "trainer_pool": p.pools.trainer}
+    check_run_folders(cfg, ta)
     # run identity + run lock of trainer.default_local_dir, before Ray (the dry run checks, never writes)
     check_and_claim(cfg, dry_run=bool(cfg.ta_opd.get("dry_run", False)))
+    rollouts = cfg.trainer.get("rollout_data_dir")
+    if rollouts:  # two runs must not overwrite each other's rollout files: the rollout folder is locked too
+        from recipe.ta_opd import runlock
+
+        if cfg.ta_opd.get("dry_run", False):
+            runlock.check_free(rollouts, key="trainer.rollout_data_dir")
+        else:
+            runlock.acquire(rollouts, key="trainer.rollout_data_dir")
     if cfg.ta_opd.get("dry_run", False):
         print("[ta-opd] dry run: configuration valid; not starting Ray")
         return summary

@@ -8,7 +8,8 @@
 - ``_update_actor``: normalization + budget selection over the WHOLE batch on the driver (the
   driver holds every data-parallel rank's rows, so selection is global by construction), the
   mask ANDed into ``response_mask`` for the update (verl counts the loss denominator from it),
-  then verl's update; the TA metrics join the actor's.
+  then verl's update; the TA metrics join the actor's; every test_freq steps and at the end the
+  kept-token page (``ta_opd/tools/kept_tokens.py``), with ``ta_opd.token_export`` every step's tokens.
 - ``_log_rollout_data``: verl's JSONL dump plus the rollouts as a diagnostic context bank.
 - ``_save_checkpoint``: the run identity into the checkpoint folder, then verl's save.
 """
@@ -43,6 +44,7 @@ class VerlSettings:
     teacher_worker: dict  # TeacherWorkerConfig fields (fsdp backend)
     loss_mode: str  # the registered verl distillation loss mode
     wandb_histogram: bool = True
+    token_export: bool = False  # every step's tokens to <default_local_dir>/tokens/step_<n>.parquet
 
 
 def teacher_logp_from_topk(batch: DataProto, vocab_size: int) -> dict[str, float]:
@@ -108,6 +110,52 @@ def log_score_histogram(scores: torch.Tensor, step: int) -> None:
         return
     if wandb.run is not None and scores.numel():
         wandb.log({"ta_opd/score_hist": wandb.Histogram(scores.float().numpy())}, step=step, commit=False)
+
+
+def selection_view(batch: DataProto, sel: Selection, raw: dict[str, torch.Tensor], valid: torch.Tensor,
+                   cfg: TAConfig, decode_one, decode_rows: list[int] | None):
+    """One step's selection as a ``ta_opd.tools.kept_tokens.TokenView``: D, C, H from ``raw`` (the
+    statistics as the actor shipped them, (B, R)), the score and kept mask of ``sel``, advantage
+    log π_T(y_t) - log π_old(y_t). Token texts (``decode_one``: id -> text) of the sequences
+    ``decode_rows`` only (None: all)."""
+    from ta_opd.tools import kept_tokens as kt
+
+    b = batch.batch
+    valid = valid.bool()
+    decoded = valid.clone()
+    if decode_rows is not None:
+        decoded = torch.zeros_like(valid)
+        decoded[decode_rows] = valid[decode_rows]
+    return kt.TokenView.of(b["responses"], kt.decode_tokens(decode_one, b["responses"], decoded), valid, raw["D"],
+                           raw["C" if cfg.compatibility == "exact" else "C_hat"], raw["H"], sel.scores,
+                           sel.mask & valid, b[F.TEACHER_LOGP] - b["old_log_probs"])
+
+
+def prompt_texts(batch: DataProto, rows: list[int], decode_text) -> list[str]:
+    """The prompts of ``rows`` as text ("" for the others); ``decode_text``: a list of ids -> text."""
+    b = batch.batch
+    P = b["prompts"].shape[1]  # left-padded prompts: attention_mask[:, :P] marks the real tokens
+    return [decode_text(b["prompts"][j][b["attention_mask"][j, :P].bool()].tolist()) if j in rows else ""
+            for j in range(len(b["prompts"]))]
+
+
+def write_atomic(path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp.{path.name}")
+    write(tmp)
+    tmp.replace(path)
+
+
+def log_kept_tokens(page: str, step: int) -> None:
+    """The page to W&B as ``ta_opd/kept_tokens`` when a W&B run is active."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.log({"ta_opd/kept_tokens": wandb.Html(page, inject=False, data_is_not_path=True)}, step=step,
+                  commit=False)
 
 
 class StatsPass:
@@ -190,6 +238,39 @@ class TAOPDRayTrainer(RayPPOTrainer):
         self._ta_metrics = metrics
         return old_log_prob, mfu
 
+    def _show_selection(self, batch: DataProto, sel: Selection, raw: dict[str, torch.Tensor],
+                        valid: torch.Tensor) -> None:
+        """What was kept, for a person (``ta_opd/tools/kept_tokens.py``): the page
+        ``<default_local_dir>/kept_tokens/step_<n>.html`` every test_freq steps and at the last step
+        (also to W&B as ``ta_opd/kept_tokens``); with ``ta_opd.token_export`` every step's token rows
+        to ``<default_local_dir>/tokens/step_<n>.parquet``."""
+        from pathlib import Path
+
+        from ta_opd.tools import kept_tokens as kt
+
+        step, tc = int(self.global_steps), self.config.trainer
+        page_due = (tc.test_freq > 0 and step % tc.test_freq == 0) or step == getattr(self, "total_training_steps", None)
+        export = self.ta.token_export
+        if not (page_due or export):
+            return
+        out = Path(str(tc.default_local_dir))
+        show = kt.one_per_prompt(len(valid), int(self.config.actor_rollout_ref.rollout.n), 4)  # one per prompt first
+        decode_one = lambda i: self.tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
+        view = selection_view(batch, sel, raw, valid, self.ta_cfg, decode_one, None if export else show)
+        if export:
+            import pandas as pd
+
+            rows = kt.export_rows(view, step)
+            write_atomic(out / "tokens" / f"step_{step}.parquet", lambda tmp: pd.DataFrame(
+                rows, columns=["step", *kt.EXPORT_COLUMNS]).to_parquet(tmp, index=False))
+        if page_due:
+            header = kt.Header(step=step, rho=self.ta_cfg.budget, selector=self.ta_cfg.selector,
+                               title=str(tc.experiment_name or ""), kept_ratio=float(sel.mask[valid.bool()].float().mean()))
+            prompts = prompt_texts(batch, show, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+            page = kt.render_page(view, header, show=show, prompts=prompts)
+            write_atomic(out / "kept_tokens" / f"step_{step}.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
+            log_kept_tokens(page, step)
+
     def _save_checkpoint(self):
         """verl's save, with this run's identity copied into the checkpoint folder first
         (``verl_backend/identity.py``: a later launch resumes it only under the same identity)."""
@@ -202,8 +283,10 @@ class TAOPDRayTrainer(RayPPOTrainer):
         t0 = time.perf_counter()
         full_mask = self._ta_response_mask if self._ta_response_mask is not None else batch.batch["response_mask"]
         self._ta_response_mask = None
+        raw = {n: batch.batch[F.stat_key(n)] for n in ("D", "C", "C_hat", "H")}  # (B, R) each, for the page
         sel, valid = apply_selection(batch, self.ta_cfg, step=int(self.global_steps))  # valid: the positions I
         metrics = {**self._ta_metrics, **sel.metrics, "ta_opd/timing/select_s": time.perf_counter() - t0}
+        self._show_selection(batch, sel, raw, valid)
         if self.ta.wandb_histogram:
             log_score_histogram(sel.scores[valid.bool()], int(self.global_steps))
         if not update_flags(self.ta.loss_mode)["distillation_use_topk"]:

@@ -21,7 +21,14 @@ def _model(path: str, flag: str, device: str):
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{flag}={path} does not exist")
-    return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).to(device).eval()
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{flag}={path} is not a Hugging Face model folder: it has no config.json")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:  # config.json not JSON, unknown model_type, missing weights
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{flag}={path} cannot be loaded as a Hugging Face model ({type(e).__name__}: {first})") from None
+    return model.to(device).eval()
 
 
 def check_tokenizers(tok, other_paths: dict[str, str], models: dict) -> int:
