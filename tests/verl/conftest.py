@@ -29,14 +29,17 @@ def pytest_configure(config):
     torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_cpu():
     """A local Ray cluster started the way run_verl starts it: the loss-registration setup hook
-    and this repository on PYTHONPATH; 16 logical CPUs (TransferQueue and pools need more than 2)."""
+    and this repository on PYTHONPATH; 16 logical CPUs (TransferQueue and pools need more than 2).
+    Started on first use and kept for the session; started again when a test that needs a Ray of
+    its own (tests/verl/test_fit_placement.py's cluster) has shut it down in between — a Ray API
+    call after a shutdown would otherwise start a bare local Ray without the setup hook."""
     ray = pytest.importorskip("ray")
     from recipe.ta_opd.verl_backend.runner import REPO_ROOT, SETUP_HOOK
 
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": SETUP_HOOK, "env_vars": {"PYTHONPATH": REPO_ROOT}})
+    if not ray.is_initialized():
+        ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"worker_process_setup_hook": SETUP_HOOK, "env_vars": {"PYTHONPATH": REPO_ROOT}})
     yield ray
-    ray.shutdown()

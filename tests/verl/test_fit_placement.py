@@ -28,8 +28,10 @@ WAIT_S = 10  # a placement group not ready by then waits forever (nothing else r
 
 @pytest.fixture(scope="module")
 def cluster():
+    import ray
     from ray.cluster_utils import Cluster
 
+    ray.shutdown()  # another test's Ray in this process (conftest's ray_cpu) would be reused by connect=True
     # the driver's head node has no CPU and no GPU; two GPU nodes with exactly 3 CPUs per GPU
     c = Cluster(initialize_head=True, connect=True,
                 head_node_args=dict(num_cpus=0, num_gpus=0, include_dashboard=False))
@@ -39,8 +41,6 @@ def cluster():
         c.wait_for_nodes()
         yield c
     finally:
-        import ray
-
         ray.shutdown()
         c.shutdown()
 
