@@ -326,3 +326,15 @@ def test_a_loss_ray_workers_cannot_import_is_refused_at_startup():
         _plan("ta_opd.loss=topk_forward_kl")  # a shipped logits-path loss at the default float32 passes
     finally:
         _LOSSES._items.pop("test_script_loss", None)
+
+
+def test_min_keep_against_the_response_length_is_the_cpu_rule(capsys):
+    """verl's entry applies the CPU backend's rule (one function): above the length refused, equal warned."""
+    from recipe.ta_opd.verl_backend.entry import check_run_folders
+
+    cfg = compose_from(RECIPE_DIR, "ta_opd_trainer", "data.max_response_length=8", "ta_opd.min_keep_per_sequence=9")
+    with pytest.raises(TAConfigError, match="ta_opd.min_keep_per_sequence=9 is not allowed with data.max_response_length=8"):
+        check_run_folders(cfg, ta_config(cfg.ta_opd))
+    cfg = compose_from(RECIPE_DIR, "ta_opd_trainer", "data.max_response_length=8", "ta_opd.min_keep_per_sequence=8")
+    check_run_folders(cfg, ta_config(cfg.ta_opd))
+    assert "min_keep_per_sequence=8 equals data.max_response_length" in capsys.readouterr().out

@@ -225,13 +225,7 @@ def _sizes(v: dict[str, Any], ta: TAConfig) -> None:
     """Values that are legal alone but cannot be meant together, and a step that cannot fit in
     memory: refused (or warned) before a model is loaded."""
     L = v["max_response_length"]
-    if ta.min_keep_per_sequence > L:
-        raise TAConfigError(f"ta_opd.min_keep_per_sequence={ta.min_keep_per_sequence} is not allowed with "
-                            f"data.max_response_length={L}; a response has at most {L} positions, so every position "
-                            f"would be kept and ta_opd.budget={ta.budget} would have no effect (it must be <= {L})")
-    if ta.min_keep_per_sequence == L:
-        print(f"[ta-opd] warning: ta_opd.min_keep_per_sequence={L} equals data.max_response_length: every position "
-              f"of every response is kept, so ta_opd.budget={ta.budget} has no effect")
+    preflight.check_min_keep(ta, L)
     vocab = preflight.vocab_of(v["student_path"])
     if vocab is not None:
         S = v["prompts_per_step"] * v["n_samples"]

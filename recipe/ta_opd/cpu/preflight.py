@@ -16,7 +16,7 @@ import struct
 import uuid
 from pathlib import Path
 
-from ta_opd.errors import TAInputError
+from ta_opd.errors import TAConfigError, TAInputError
 
 
 # --- folders -----------------------------------------------------------------------------------
@@ -221,3 +221,16 @@ def check_memory(need: int, what: str, available: int | None = None) -> None:
 
 def visible_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_min_keep(ta, length: int) -> None:
+    """``ta_opd.min_keep_per_sequence`` against ``data.max_response_length`` (both backends): above
+    it every position is kept and the budget means nothing (refused); equal to it, warned."""
+    if ta.min_keep_per_sequence > length:
+        raise TAConfigError(f"ta_opd.min_keep_per_sequence={ta.min_keep_per_sequence} is not allowed with "
+                            f"data.max_response_length={length}; a response has at most {length} positions, so every "
+                            f"position would be kept and ta_opd.budget={ta.budget} would have no effect (it must be "
+                            f"<= {length})")
+    if ta.min_keep_per_sequence == length:
+        print(f"[ta-opd] warning: ta_opd.min_keep_per_sequence={length} equals data.max_response_length: every "
+              f"position of every response is kept, so ta_opd.budget={ta.budget} has no effect")

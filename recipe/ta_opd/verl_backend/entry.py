@@ -34,7 +34,7 @@ def check_run_folders(cfg: DictConfig, ta: TAConfig) -> None:
     """The CPU backend's rules where they apply on verl: output and rollout folders that are (or
     contain) a model or data folder the run reads, a resume path that points nowhere, and
     min_keep_per_sequence above the response length."""
-    from recipe.ta_opd.cpu.preflight import check_not_an_input
+    from recipe.ta_opd.cpu.preflight import check_min_keep, check_not_an_input
 
     models = {"actor_rollout_ref.model.path": cfg.actor_rollout_ref.model.path,
               "ta_opd.teacher_model_path": cfg.ta_opd.teacher_model_path}
@@ -55,10 +55,8 @@ def check_run_folders(cfg: DictConfig, ta: TAConfig) -> None:
               "then resumes the newest checkpoint of trainer.default_local_dir); set trainer.resume_mode=resume_path "
               "to resume from it")
     length = cfg.data.get("max_response_length")
-    if isinstance(length, int) and ta.min_keep_per_sequence > length:
-        raise TAConfigError(f"ta_opd.min_keep_per_sequence={ta.min_keep_per_sequence} is not allowed with "
-                            f"data.max_response_length={length}; every position would be kept and ta_opd.budget="
-                            f"{ta.budget} would have no effect (it must be <= {length})")
+    if isinstance(length, int):
+        check_min_keep(ta, length)
 
 
 def run(cfg: DictConfig, ta: TAConfig) -> dict:
