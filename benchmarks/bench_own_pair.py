@@ -62,6 +62,7 @@ def main() -> None:
         f"trainer.total_training_steps={a.steps}", "trainer.test_freq=0", "trainer.save_freq=0",
         "ta_opd.cpu.eval_size=4", "ta_opd.cpu.heldout_kl_prompts=4", "ta_opd.cpu.eval_batch_size=4",
         f"ta_opd.cpu.num_threads={a.threads}", f"trainer.default_local_dir={tmp / 'run'}", "trainer.logger=[]",
+        "trainer.resume_mode=disable",  # with --keep, a finished run there would be left as is, not measured again
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     t1 = time.time()

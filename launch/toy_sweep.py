@@ -11,7 +11,9 @@ run goes alone, so a missing toy pair is built once). A run whose summary.json e
 retrained. Writes table.md / table.csv / results.json: greedy accuracy on the held-out test
 problems before and after, on the validation problems at the first evaluation during training
 (``trainer.test_freq``), held-out KL(p_T || p_theta) after, the kept ratio and the share of kept
-tokens with a negative advantage (mean over steps), mean ± std over seeds.
+tokens with a negative advantage (mean over steps), mean ± std over seeds. With
+``trainer.logger=[console,wandb]`` among the overrides every run logs to W&B, named after its
+folder, in one group: the ``--out`` folder's name (``ta_opd.wandb_group=<name>`` sets another).
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ def run_name(selector: str, budget: float, loss: str, seed: int) -> str:
     return f"{selector}_rho{budget}_{loss}_seed{seed}"
 
 
+def wandb_overrides(out: Path, name: str, overrides: list[str]) -> list[str]:
+    """With W&B on (a ``trainer.logger`` override), each run is named after its folder (the loss
+    included, unlike the recipe's default name) and the sweep's runs share one group, the ``--out``
+    folder's name, unless the overrides set ``ta_opd.wandb_group``."""
+    group = [] if any(o.lstrip("+").startswith("ta_opd.wandb_group=") for o in overrides) else \
+        [f"ta_opd.wandb_group='{out.name}'"]
+    return [f"trainer.experiment_name=toy_{name}", *group]
+
+
 def _train(out: Path, selector: str, budget: float, loss: str, seed: int, overrides: list[str]) -> dict:
     run_dir = out / run_name(selector, budget, loss, seed)
     summary = run_dir / "summary.json"
@@ -54,7 +65,7 @@ def _train(out: Path, selector: str, budget: float, loss: str, seed: int, overri
     if trained:
         cmd = [sys.executable, "-m", "recipe.ta_opd.main", f"ta_opd.selector={selector}", f"ta_opd.budget={budget}",
                f"ta_opd.loss={loss}", f"ta_opd.seed={seed}", f"trainer.default_local_dir={run_dir}",
-               "trainer.logger=[]", *overrides]
+               "trainer.logger=[]", *wandb_overrides(out, run_dir.name, overrides), *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
@@ -79,9 +90,9 @@ def _curve(metrics: Path) -> dict:
     return out
 
 
-def tabulate(results: list[dict]) -> list[dict]:
+def tabulate(results: list[dict], grid: list[tuple] = GRID) -> list[dict]:
     rows = []
-    for selector, budget, loss in GRID:
+    for selector, budget, loss in grid:
         rs = [r for r in results if (r["selector"], r["budget"], r["loss"]) == (selector, budget, loss)]
         if not rs:
             continue
@@ -98,13 +109,15 @@ def tabulate(results: list[dict]) -> list[dict]:
     return rows
 
 
-def _claim(out: Path, overrides: list[str]) -> None:
+def _claim(out: Path, overrides: list[str], pair_key: str | None = None) -> None:
     """Finished runs in ``out`` are reused, so ``out`` must hold runs of the same settings: the
     overrides and the default toy pair (its cache key) are recorded in ``out/sweep.json`` and a
-    later sweep into the same folder with different ones is refused."""
+    later sweep into the same folder with different ones is refused. ``pair_key``: another pair's
+    key in place of the toy's (launch/real_lm.py)."""
     from ta_opd.tools.toy.build import ToySpec
 
-    meta = {"overrides": list(overrides), "toy_key": ToySpec().key()}
+    meta = {"overrides": list(overrides), "toy_key": ToySpec().key()} if pair_key is None else \
+        {"overrides": list(overrides), "pair_key": pair_key}
     f = out / "sweep.json"
     if f.exists():
         old = json.loads(f.read_text())
@@ -116,7 +129,8 @@ def _claim(out: Path, overrides: list[str]) -> None:
     f.write_text(json.dumps(meta, indent=2))
 
 
-def main(argv=None) -> None:
+def main(argv=None, grid: list[tuple] = GRID, pair_key: str | None = None) -> None:
+    """The sweep over ``grid`` ((selector, budget, loss) rows); launch/real_lm.py passes its own grid and pair."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
@@ -126,8 +140,8 @@ def main(argv=None) -> None:
     if a.jobs < 1:
         p.error(f"--jobs={a.jobs} is not allowed; it must be >= 1")
     out = Path(a.out).resolve()
-    _claim(out, a.overrides)
-    todo = [(s, b, loss, seed) for s, b, loss in GRID for seed in a.seeds]
+    _claim(out, a.overrides, pair_key)
+    todo = [(s, b, loss, seed) for s, b, loss in grid for seed in a.seeds]
     t0 = time.time()
 
     def one(item):
@@ -139,7 +153,7 @@ def main(argv=None) -> None:
     results = [one(todo[0])]  # alone: builds the toy pair once if it is missing
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         results += list(pool.map(one, todo[1:]))
-    rows = tabulate(results)  # out was created by _claim
+    rows = tabulate(results, grid)  # out was created by _claim
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

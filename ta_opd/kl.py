@@ -2,10 +2,14 @@
 
 Used by the held-out KL every CPU run reports and by the fixed-context diagnostic's gain
 G = KL0 − KLτ (paper Eq. 1). Chunked over positions so memory stays at a few (chunk, V) buffers.
+``prompt_bootstrap``: the held-out KL's interval, a percentile bootstrap over prompts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
 from ta_opd import support
@@ -27,3 +31,19 @@ def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, ch
         kl[a:b] = torch.where(pt > 0, pt * diff, torch.zeros((), dtype=pt.dtype)).sum(-1)
         bc[a:b] = torch.exp(torch.add(lt, ls, out=ws.get(0, b - a)).mul_(0.5)).sum(-1)
     return kl, bc
+
+
+def prompt_bootstrap(sums: Sequence[float], counts: Sequence[float], *, seed: int, n_boot: int = 2000,
+                     level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of a per-token mean Σ sums / Σ counts, resampling PROMPTS with
+    replacement (tokens of one response are not independent; prompts are). ``sums[i]``: prompt i's
+    per-token values summed (a before/after difference on the same tokens is fine), ``counts[i]``
+    its tokens. Seeded: the same inputs give the same interval. (n,) x2 -> (lo, hi)"""
+    s, c = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    if s.shape != c.shape or s.ndim != 1 or len(s) == 0 or not (c > 0).all():
+        raise ValueError(f"prompt_bootstrap needs one positive count per prompt sum; got {s.shape} sums, counts {c}")
+    idx = np.random.default_rng(seed).integers(0, len(s), size=(n_boot, len(s)))  # (n_boot, n) resampled prompts
+    means = s[idx].sum(-1) / c[idx].sum(-1)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)

@@ -12,6 +12,10 @@ full-sequence tensor are ``x[:, P - 1 : P - 1 + R]`` (:func:`response_slice`). P
 the left padding (:func:`position_ids`), so a left-padded row gets the same logits as the
 unpadded sequence (tested against an unbatched forward).
 
+Logits at some positions only (:func:`rollout_logits_at`, the update on the kept positions):
+rows with no needed position are dropped, the batch is cut after the last needed column, and
+the output embedding runs on the needed hidden states only (``ta_opd.kept_rows``).
+
 Sampling is plain softmax sampling at the given temperature (no top-k / top-p filtering, the
 paper's setting), greedy when ``temperature == 0``, with a KV cache; a row stops at any of the
 end-of-sequence ids (a model's ``generation_config.eos_token_id`` may be a list) or after
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ta_opd.errors import TAConfigError, TAInputError
+from ta_opd.kept_rows import plan_kept_rows
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,60 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         raise TAConfigError(f"temperature={temperature} is not allowed for scoring; it must be > 0 (a model's "
                             "distribution at temperature 0 is not defined)")
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    logits = out.logits[:, response_slice(prompt_len, response_len)]
+    return _as_scored(out.logits[:, response_slice(prompt_len, response_len)], vocab_size, temperature)
+
+
+# Config attributes by which a model's LM head post-processes its logits (Gemma's soft-capping,
+# Cohere's scale, Granite's divisor): its decoder + output embedding alone would not give its logits.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def kept_rows_supported(model) -> bool:
+    """True when ``model``'s logits are its output embedding applied to its decoder's last hidden
+    state (Llama, Qwen2/3, Mistral, SmolLM...), so :func:`rollout_logits_at` reproduces them."""
+    cfg = getattr(model, "config", None)
+    if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_POSTPROCESSING):
+        return False
+    return callable(getattr(model, "get_decoder", None)) and callable(getattr(model, "get_output_embeddings", None)) \
+        and model.get_output_embeddings() is not None and model.get_decoder() is not model
+
+
+def rollout_logits_at(model, ro: Rollout, rows: torch.Tensor, vocab_size: int | None = None,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """(n, V) logits at the response positions ``rows`` ((B, R) bool, n = rows.sum(), row-major
+    order), equal to ``rollout_logits(...)[rows]`` at a fraction of the cost: the rows of the
+    batch with no position in ``rows`` are dropped, the rest cut after the last column any of them
+    needs (the kept-rows plan, ``ta_opd.kept_rows``, on the padded batch as B sequences of width
+    P + R), and the output embedding runs on the n needed hidden states only. Needs
+    :func:`kept_rows_supported`. With n = 0 no forward runs and a (0, V) tensor is returned."""
+    if not temperature > 0:
+        raise TAConfigError(f"temperature={temperature} is not allowed for scoring; it must be > 0 (a model's "
+                            "distribution at temperature 0 is not defined)")
+    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or rows.shape != ro.responses.shape:
+        raise TAInputError(f"rows must be a (B, R) = {tuple(ro.responses.shape)} bool tensor of response positions, "
+                           f"got {getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
+    if not kept_rows_supported(model):
+        raise TAInputError(f"{type(model).__name__} post-processes its logits or has no separate decoder and output "
+                           "embedding; score it with rollout_logits")
+    n_seq, width = ro.input_ids.shape
+    head = model.get_output_embeddings()
+    out_dim = head.weight.shape[0] if vocab_size is None else vocab_size
+    if not bool(rows.any()):
+        return head.weight.new_zeros((0, out_dim))
+    need = torch.zeros(n_seq, width, dtype=torch.bool, device=rows.device)  # (B, P + R) rows whose logits are read
+    need[:, response_slice(ro.prompt_len, ro.responses.shape[1])] = rows
+    plan = plan_kept_rows(torch.arange(n_seq + 1, device=rows.device) * width, need.flatten())
+    seqs, cut = plan.kept_sequences, int(plan.lengths.max())  # (B',), the widest cut
+    ids, mask = ro.input_ids[seqs, :cut], ro.attention_mask[seqs, :cut]  # (B', L): causal, so the cut is exact
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                                 use_cache=False).last_hidden_state  # (B', L, H)
+    rank = (plan.lengths > 0).long().cumsum(0) - 1  # (B,) row of each kept sequence in the trimmed batch
+    h = hidden[rank[plan.orig_rows // width], plan.orig_rows % width]  # (n, H)
+    return _as_scored(head(h), vocab_size, temperature)
+
+
+def _as_scored(logits: torch.Tensor, vocab_size: int | None, temperature: float) -> torch.Tensor:
+    """Logits sliced to the tokenizer's ``vocab_size`` (when given), divided by ``temperature``."""
     logits = logits if vocab_size is None else logits[..., :vocab_size]
     return logits if temperature == 1 else logits / temperature
 
@@ -177,4 +235,5 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
 
 
 __all__ = ["Rollout", "SpecialIds", "special_ids", "encode_prompt", "left_pad", "position_ids", "response_slice",
-           "response_logits", "rollout_logits", "token_logp", "generate"]
+           "response_logits", "rollout_logits", "kept_rows_supported", "rollout_logits_at", "token_logp",
+           "generate"]

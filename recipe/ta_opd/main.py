@@ -23,7 +23,7 @@ from recipe.ta_opd.naming import run_name
 
 # ta_opd.* keys that belong to the recipe rather than to TAConfig
 RECIPE_KEYS = {"backend", "teacher_model_path", "toy", "cpu", "teacher", "wandb_histogram", "vocab_mismatch_ok_ids", "dry_run",
-               "token_export"}
+               "token_export", "wandb_group"}
 BACKENDS = ("auto", "cpu", "verl")
 
 

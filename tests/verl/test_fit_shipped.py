@@ -34,6 +34,8 @@ from recipe.ta_opd.verl_backend.validate import CPUS_PER_BUNDLE
 from tests.verl.cpu_fit.pair import verl_ready_copy
 from tests.verl.cpu_fit.setup import RECORD_ENV
 from tests.verl.test_fit_cpu import ROOT, Runs, run
+from tests.wandb_offline import ENV as WANDB_ENV
+from tests.wandb_offline import check_run, read_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -44,6 +46,7 @@ RHO = 0.05
 NODES, GPUS_PER_NODE = 2, 2  # the allocation: trainer.nnodes counts ALL nodes (teacher's included)
 TOKEN_BUDGET = 48  # = max_prompt_length + max_response_length: the smallest budget plan() accepts
 CPUS_PER_NODE = 8  # >= what check_cluster asks (3 per GPU bundle)
+WANDB_GROUP = "fit_shipped_sweep"
 
 # sizes only: models (the toy pair, set in command()), lengths, batch, token budgets, step counts,
 # pools, process counts
@@ -85,12 +88,16 @@ def command(student: str, teacher: str, data: Path, out: Path, address: str) -> 
         "data.val_files": data / "val.parquet",
         # the CPU rollout seeds each request by its id: "det-<i>" makes resume = uninterrupted
         "actor_rollout_ref.rollout.full_determinism": "true",
-        "trainer.logger": "[console,file]",
+        # W&B in offline mode (read back by test_wandb_offline_run), beside verl's file tracker
+        "trainer.logger": "[console,file,wandb]",
+        "ta_opd.wandb_group": WANDB_GROUP,
         "trainer.default_local_dir": out / "ckpt",
         "+ray_kwargs.ray_init.address": address,
-        # the cluster was started by the test: its workers see the recorders' settings only through this
+        # the cluster was started by the test: its workers see the recorders' and W&B's settings only
+        # through this
         "+ray_kwargs.ray_init.runtime_env.env_vars":
-            f"{{{RECORD_ENV}:'{out / 'record'}',VERL_FILE_LOGGER_PATH:'{out / 'metrics.jsonl'}'}}",
+            f"{{{RECORD_ENV}:'{out / 'record'}',VERL_FILE_LOGGER_PATH:'{out / 'metrics.jsonl'}',"
+            + "".join(f"{k}:'{v}'," for k, v in WANDB_ENV.items()) + f"WANDB_DIR:'{out}'}}",
     }
     return [sys.executable, "-m", "recipe.ta_opd.main", f"+experiment={SHIPPED}"] + [
         f"{k}={v}" for k, v in {**SIZE, **CPU, **test}.items()]
@@ -262,6 +269,58 @@ def test_resumed_run_equals_uninterrupted(runs):
     ga, gb = Runs.actor(runs.full, 0, 3)["grads"], Runs.actor(runs.resumed, 0, 1)["grads"]
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def _wandb_run(runs):
+    """The full run's offline W&B run, its composed config and TAConfig."""
+    from recipe.ta_opd.main import ta_config
+
+    wb = read_run(runs.full)
+    data = Path(wb.config["data"]["train_files"]).parent  # the run's data: part of its default name
+    cfg = compose(command(runs.student, runs.teacher, data, runs.full, "127.0.0.1:1")[3:])
+    return wb, cfg, ta_config(cfg.ta_opd)
+
+
+def test_wandb_offline_run(runs):
+    """verl's ``Tracking`` with ``trainer.logger=[...,wandb]`` in W&B offline mode, read back: named after
+    the experiment, in the ``ta_opd.wandb_group`` group, the config with ρ, K and the pair; every
+    training step before the last exactly the ``ta_opd/*`` names ``recipe/ta_opd/logged.py`` lists for
+    the verl backend (the same list the CPU backend's test uses, built from the same core), equal to
+    what verl's file tracker logged, the score histogram, the kept-token page at test_freq, verl's own
+    metrics the dashboard shows. (The last step: :func:`test_wandb_offline_run_last_step_and_finish`.)"""
+    import re
+
+    from recipe.ta_opd import logged
+    from recipe.ta_opd.naming import run_name
+
+    wb, cfg, ta = _wandb_run(runs)
+    assert (wb.run.project, wb.run.run_group) == (cfg.trainer.project_name, WANDB_GROUP)
+    assert wb.run.display_name == wb.config["trainer"]["experiment_name"] == run_name(cfg, ta)
+    conf = wb.config
+    assert conf["ta_opd"]["budget"] == RHO and conf["ta_opd"]["topk"] == ta.topk
+    assert (conf["actor_rollout_ref"]["model"]["path"], conf["ta_opd"]["teacher_model_path"]) == (runs.student,
+                                                                                                 runs.teacher)
+    expected = logged.step_metrics("verl", ta, teacher_backend=cfg.ta_opd.teacher.backend)
+    steps = list(range(1, STEPS))
+    check_run(wb, steps=steps, expected=expected, page_steps=[TEST_FREQ], finished=False)
+    file_log = Runs.logged(runs.full)
+    for k in steps:
+        for key in expected:
+            assert wb.history[k][key] == pytest.approx(file_log[k][key], rel=1e-6, abs=1e-9, nan_ok=True), (k, key)
+        assert all(key in wb.history[k] for key in logged.VERL_OWN), (k, set(logged.VERL_OWN) - set(wb.history[k]))
+    val = [k for k in wb.history[TEST_FREQ] if re.fullmatch(logged.VERL_VAL_ACCURACY, k)]
+    assert val, sorted(wb.history[TEST_FREQ])  # the dashboard's verl accuracy panel finds its metric
+
+
+@pytest.mark.xfail(strict=True, reason="KNOWN GAP: in the Ray task runner the W&B run's last step and exit record "
+                   "never reach the offline file: wandb.run.finish() is called after fit() (runner.py) but the "
+                   "wandb-core service stops answering (the worker's atexit teardown reports 'Connection lost')")
+def test_wandb_offline_run_last_step_and_finish(runs):
+    from recipe.ta_opd import logged
+
+    wb, cfg, ta = _wandb_run(runs)
+    expected = logged.step_metrics("verl", ta, teacher_backend=cfg.ta_opd.teacher.backend)
+    check_run(wb, steps=[STEPS], expected=expected, page_steps=[STEPS])
 
 
 def test_differences_from_shipped_are_documented(tmp_path):

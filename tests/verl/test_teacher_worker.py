@@ -52,7 +52,9 @@ def test_two_rank_fsdp2_group_equals_single_process(ray_cpu, teacher_path):
 
     from recipe.ta_opd.verl_backend.teacher import TATeacherWorker
 
-    cfg = _cfg(teacher_path)
+    # the padded layout's bits do not depend on how rows are grouped; the real-token layouts' group
+    # rows by length per rank: tests/verl/test_teacher_packing.py checks those against each shard
+    cfg = _cfg(teacher_path, layout="padded")
     batch = rollout_batch(B=6)
     pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=1)
     wg = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=RayClassWithInitArgs(

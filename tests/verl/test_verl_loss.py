@@ -458,7 +458,8 @@ def test_a_newly_registered_per_token_loss_runs_on_verls_loss_path(models, rollo
     mode = dist_cfg.distillation_loss.loss_mode
     assert mode == f"ta_opd_{loss}" and on_logits_path(loss) == (loss == "test_toy_logits")
     logits_path = on_logits_path(loss)
-    assert update_flags(mode) == {"distillation_use_topk": logits_path, "distillation_only": logits_path}
+    assert update_flags(mode) == {"distillation_use_topk": logits_path, "distillation_only": logits_path,
+                                  F.PHASE: F.PHASE_UPDATE}
     old = torch.where(valid, logp + 0.3 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2)), 0.0)
     batch = _update_batch(rollout, mask, old)
     R = rollout["responses"].shape[1]

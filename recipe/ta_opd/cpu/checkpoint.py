@@ -336,7 +336,8 @@ def read_tracker(root: str | Path) -> int | None:
         raise TAInputError(
             f"{tracker} holds {text[:40]!r}; it must hold the step number of the checkpoint to resume "
             f"(a global_step_<n> folder next to it; present: {step_dirs(root) or 'none'}). Write the step, "
-            "delete the file to resume the newest valid checkpoint, or set trainer.resume_mode=disable")
+            "delete the file to resume the newest valid checkpoint, or set trainer.resume_mode=disable (starts over in this "
+            "folder, overwriting its checkpoints)")
     return int(text.strip())
 
 
@@ -370,7 +371,9 @@ def load_latest(root: str | Path, warn: Callable[[str], None] = print,
             continue
         return path, state
     raise CheckpointError(f"no loadable checkpoint in {root}: " + "; ".join(problems) +
-                          ". Delete the broken folders, or set trainer.resume_mode=disable to start over")
+                          ". Delete the broken folders, give this run another folder (trainer.experiment_name or "
+                          "trainer.default_local_dir; nothing is overwritten), or set trainer.resume_mode=disable to start "
+                          "over in this folder (overwriting its checkpoints)")
 
 
 def latest(root: str | Path) -> Path | None:

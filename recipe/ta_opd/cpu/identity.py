@@ -9,9 +9,11 @@ value. Moving a model or data file is fine (the fingerprint, not the path, is co
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from recipe.ta_opd.cpu.plan import key_of
 from recipe.ta_opd.run_identity import differences, fingerprint, plain
@@ -41,15 +43,34 @@ def of(cfg) -> dict:
     return out
 
 
-def check_resume(saved: dict | None, now: dict, checkpoint: Path) -> None:
-    """Refuse to resume ``checkpoint`` (identity ``saved``) under a run whose identity is ``now``."""
+def own_folder(cfg, now: dict) -> str:
+    """The override that gives this run a folder of its own (nothing is overwritten): the experiment
+    name + 6 hex digits of the identity when the folder is named after the experiment (the default
+    ``runs/<project>/<experiment>``), else the folder + those digits. Same run, same suggestion."""
+    slim = {k: (v["fingerprint"] if isinstance(v, dict) and "fingerprint" in v else v) for k, v in now.items()}
+    tag = hashlib.sha256(json.dumps(slim, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    if Path(cfg.out_dir).name == cfg.experiment:
+        return f"trainer.experiment_name={cfg.experiment}_{tag}"
+    return f"trainer.default_local_dir={cfg.out_dir}_{tag}"
+
+
+def way_out(fresh: str, folder: Path) -> str:
+    """The ways out of a refused resume, the one that overwrites nothing first."""
+    return (f"To start this run without touching that one, give it its own folder: {fresh} (nothing is overwritten). "
+            f"trainer.resume_mode=disable instead starts over IN {folder} and overwrites its checkpoints")
+
+
+def check_resume(saved: dict | None, now: dict, checkpoint: Path, fresh: Callable[[], str]) -> None:
+    """Refuse to resume ``checkpoint`` (identity ``saved``) under a run whose identity is ``now``;
+    ``fresh()`` gives :func:`own_folder`'s override, offered first."""
+    folder = checkpoint.parent.parent  # <out_dir>/checkpoints/global_step_<n>
     if not isinstance(saved, dict):
-        raise TAConfigError(f"checkpoint {checkpoint} records no run identity, so it cannot be resumed safely; "
-                            "choose another trainer.default_local_dir or set trainer.resume_mode=disable")
+        raise TAConfigError(f"checkpoint {checkpoint} records no run identity, so it cannot be resumed safely. "
+                            f"{way_out(fresh(), folder)}")
     diff = differences(saved, now)
     if diff:
         raise TAConfigError(
             f"checkpoint {checkpoint} belongs to a different run; resuming it would mix two trajectories. "
-            f"Differences: {'; '.join(diff)}. Resume with the checkpoint's settings, choose another "
-            "trainer.default_local_dir, or set trainer.resume_mode=disable to start over in this folder "
-            f"(only {', '.join(sorted(key_of(k) for k in SAFE_TO_CHANGE - {'pair'}))} may change on resume)")
+            f"Differences: {'; '.join(diff)}. {way_out(fresh(), folder)}. To continue the checkpointed run, launch it "
+            f"with its settings (only {', '.join(sorted(key_of(k) for k in SAFE_TO_CHANGE - {'pair'}))} may change "
+            "on resume)")

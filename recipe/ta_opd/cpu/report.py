@@ -23,8 +23,9 @@ def _series(rows: list[dict], key: str) -> list[tuple[float, float]]:
 
 def plot(path: Path, rows: list[dict], title: str) -> None:
     """Left: held-out task accuracy (absent when no data source is scorable). Right: the held-out
-    teacher–student KL (full vocabulary, and its sampled-token estimate) at each evaluation, and
-    the training rollouts' sampled-token KL per step."""
+    teacher–student KL (full vocabulary, and its sampled-token estimate) at each evaluation with its
+    95 % bootstrap interval over prompts (vertical bars), and the training rollouts' sampled-token KL
+    per step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,7 +46,11 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
                               ("ta_opd/heldout/kl_sampled", "held-out KL(p_θ||p_T), sampled-token estimate", "s--")):
         series = _series(rows, key)
         if series:
-            a2.plot(*zip(*series), style, label=label, markersize=4)
+            line, = a2.plot(*zip(*series), style, label=label, markersize=4)
+            band = [(r["step"], r[f"{key}_lo"], r[f"{key}_hi"]) for r in rows if r.get(f"{key}_lo") is not None]
+            if band:  # the 95 % bootstrap interval over held-out prompts (cpu/evaluate.py)
+                x, lo, hi = zip(*band)
+                a2.vlines(x, lo, hi, colors=line.get_color(), alpha=0.6)
     a2.set_xlabel("step")
     a2.set_ylabel("teacher–student KL (nats/token)")
     a2.legend(fontsize=7)

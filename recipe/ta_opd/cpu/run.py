@@ -28,6 +28,13 @@ def set_threads(requested: int | None) -> str:
     return f"[ta-opd] torch threads: {n} ({why})"
 
 
+def say(line: str) -> None:
+    """Print above the progress bar (tqdm.write), so a message never splits the bar's line."""
+    from tqdm import tqdm
+
+    tqdm.write(line)
+
+
 def run(cfg: DictConfig, ta: TAConfig) -> dict:
     from verl.utils.tracking import Tracking
 
@@ -35,14 +42,18 @@ def run(cfg: DictConfig, ta: TAConfig) -> dict:
     from recipe.ta_opd.cpu.plan import plan
     from recipe.ta_opd.cpu.trainer import CPUTrainer
     from recipe.ta_opd.grading import Grader, resolve_score_fn
+    from recipe.ta_opd.wandb_run import apply_group
 
+    apply_group(cfg)  # ta_opd.wandb_group checked, -> $WANDB_RUN_GROUP (read by the wandb.init inside Tracking)
     p = plan(cfg, ta)  # every knob, folder, model and data file, before anything is loaded
     rc = p.run
     runlock.acquire(rc.out_dir)  # one run per folder; released by main.guarded() when the run ends
     if rc.rollout_dir:  # its rollouts too: two runs must not overwrite each other's step files
         runlock.acquire(rc.rollout_dir, key="trainer.rollout_data_dir")
     print(set_threads(p.num_threads))
-    tracker = Tracking(project_name=rc.project, experiment_name=rc.experiment, default_backend=list(rc.loggers),
+    # "console" is the trainer's own compact line per step (cpu/console.py), not verl's all-metrics console logger
+    tracker = Tracking(project_name=rc.project, experiment_name=rc.experiment,
+                       default_backend=[b for b in rc.loggers if b != "console"],
                        config=OmegaConf.to_container(cfg, resolve=True))
     wandb = tracker.logger.get("wandb")
     if wandb is not None:  # the resolved pair (the toy's model paths are null in the Hydra config)
@@ -51,7 +62,7 @@ def run(cfg: DictConfig, ta: TAConfig) -> dict:
     print(f"[ta-opd] grading: {grading}")
     ok = False
     try:
-        summary = CPUTrainer(rc, tracker=tracker, grader=Grader(score_fn)).fit()
+        summary = CPUTrainer(rc, tracker=tracker, log=say, grader=Grader(score_fn, log=say)).fit()
         ok = True
     finally:
         tracker.finish(exit_code=0 if ok else 1)  # the W&B run is closed (and marked failed on an error)

@@ -10,6 +10,7 @@ teacher–student KL). Checkpoints are atomic and resumable.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -19,11 +20,12 @@ import numpy as np
 import torch
 
 from recipe.ta_opd import runlock
-from recipe.ta_opd.cpu import checkpoint, identity, preflight, report
+from recipe.ta_opd.cpu import checkpoint, console, identity, preflight, report
 from recipe.ta_opd.cpu.data import PromptStream, load_rows
-from recipe.ta_opd.cpu.evaluate import greedy_texts, heldout_kl
+from recipe.ta_opd.cpu.evaluate import (MIN_STABLE_PROMPTS, greedy_texts, heldout_change, heldout_metrics,
+                                       heldout_sums, sample_heldout)
 from recipe.ta_opd.cpu.step import score_batch, update
-from recipe.ta_opd.grading import Grader
+from recipe.ta_opd.grading import MIN_EXTRACTION_RATE, Grader
 from ta_opd.config import TAConfig
 from ta_opd.tools import kept_tokens
 from ta_opd.tools.diagnose import bank
@@ -112,6 +114,11 @@ class CPUTrainer:
         self.step = 0  # completed optimizer steps
         self.history: list[dict] = []
         self.before: dict = {}
+        self.heldout_set: dict | None = None  # the fixed held-out samples (+ their "before" sums), see heldout()
+        self.heldout_last: dict | None = None  # per-prompt sums of this session's latest held-out evaluation
+        self.extraction: dict[str, float | None] = {}  # extraction rates of the before/after evaluations
+        self.wall_before = 0.0  # wall seconds of earlier sessions of this run (from the checkpoint)
+        self.session_start = time.perf_counter()
         self.tracker = tracker
         self._warned_wandb = False
         self.ckpt_dir = Path(cfg.out_dir) / "checkpoints"
@@ -123,7 +130,8 @@ class CPUTrainer:
                 "sampler_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
                 "stream": self.stream.state_dict(), "history": self.history, "before": self.before,
-                "identity": self.identity}
+                "identity": self.identity, "heldout": self.heldout_set, "extraction": self.extraction,
+                "wall_seconds": self.wall_before + time.perf_counter() - self.session_start}
 
     def load_state(self, s: dict) -> None:
         self.step = int(s["step"])
@@ -135,6 +143,10 @@ class CPUTrainer:
         np.random.set_state(s["numpy_rng"])
         self.stream.load_state_dict(s["stream"])
         self.history, self.before = list(s["history"]), dict(s["before"])
+        # absent from checkpoints written before the fixed held-out samples: drawn anew (said in heldout())
+        self.heldout_set = s.get("heldout")
+        self.extraction = dict(s.get("extraction") or {})
+        self.wall_before = float(s.get("wall_seconds", 0.0))
 
     def maybe_resume(self) -> None:
         """Resume the newest loadable checkpoint of THIS run (same identity), if any."""
@@ -152,15 +164,18 @@ class CPUTrainer:
         if self.step > self.cfg.total_steps:
             raise TAConfigError(f"the checkpoint resumed from {self.ckpt_dir} is at step {self.step}, beyond "
                                 f"trainer.total_training_steps={self.cfg.total_steps}; set it to more than {self.step} "
-                                "to train on, or set trainer.resume_mode=disable to start over")
+                                "to train on, give a new run its own folder (another trainer.experiment_name; nothing is "
+                                "overwritten), or set trainer.resume_mode=disable to start over in this folder (overwriting "
+                                "its checkpoints)")
         if found is not None and self.step == self.cfg.total_steps:
             self.log(f"[ta-opd] the checkpoint is at trainer.total_training_steps={self.step}: nothing left to train "
-                     "(raise trainer.total_training_steps to continue); writing the summary")
+                     "(raise trainer.total_training_steps to continue)")
 
     def _resume_from(self, path: Path, state: dict) -> None:
         """Load a checkpoint of THIS run; a field of the wrong type or shape (a hand-edited state.json
         of an old checkpoint without its own hash) skips to the previous checkpoint."""
-        identity.check_resume(state.get("identity"), self.identity, path)
+        identity.check_resume(state.get("identity"), self.identity, path,
+                              lambda: identity.own_folder(self.cfg, self.identity))
         try:
             self.load_state(state)
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
@@ -180,22 +195,55 @@ class CPUTrainer:
         return self._prompt_ids[key]
 
     # --- evaluation ------------------------------------------------------------------------
-    def accuracy(self, model, rows: list[dict]) -> float | None:
-        """Greedy task accuracy graded by data_source (None when no row's data source is scorable)."""
+    def accuracy(self, model, rows: list[dict], who: str) -> tuple[float | None, float | None]:
+        """(greedy task accuracy graded by data_source, the share of responses with an extractable
+        answer); accuracy None when no row's data source is scorable. A low share is warned once per ``who``."""
         texts = greedy_texts(model, self.tok, [self.prompt(r) for r in rows], self.special,
                              max_new_tokens=self.cfg.max_response_length, batch_size=self.cfg.eval_batch_size)
-        return self.grader.accuracy(rows, texts)
+        return self.grader.accuracy(rows, texts), self.grader.check_extraction(rows, texts, f"{who}'s greedy responses")
 
     def heldout(self) -> dict[str, float]:
-        """Held-out teacher–student KL on the validation prompts (recipe/ta_opd/cpu/evaluate.py)."""
+        """Held-out teacher–student KL on the FIXED held-out samples (recipe/ta_opd/cpu/evaluate.py):
+        drawn once from the initial student, kept in every checkpoint, scored at every evaluation."""
         cfg = self.cfg
-        rows = self.val_rows[: cfg.heldout_kl_prompts]
-        return heldout_kl(self.student, self.teacher, [self.prompt(r) for r in rows], self.special,
-                          max_new_tokens=cfg.max_response_length, temperature=cfg.temperature, seed=cfg.seed,
-                          vocab_size=self.vocab_size, batch_size=cfg.eval_batch_size, chunk_size=cfg.ta.chunk_size)
+        if self.heldout_set is None:
+            if self.step > 0:
+                self.log(f"[ta-opd] the checkpoint holds no fixed held-out samples (written by an older version): "
+                         f"drawing them from the student at step {self.step}; its held-out KL before is not comparable")
+            rows = self.val_rows[: cfg.heldout_kl_prompts]
+            if len(rows) < MIN_STABLE_PROMPTS:
+                self.log(f"[ta-opd] warning: the held-out KL has only {len(rows)} prompts (the first "
+                         f"min(ta_opd.cpu.heldout_kl_prompts={cfg.heldout_kl_prompts}, ta_opd.cpu.eval_size="
+                         f"{cfg.eval_size}) validation rows of {cfg.val_file}); below {MIN_STABLE_PROMPTS} its interval "
+                         "understates the spread: give more validation rows")
+            self.heldout_set = sample_heldout(self.student, [self.prompt(r) for r in rows], self.special,
+                                              max_new_tokens=cfg.max_response_length, temperature=cfg.temperature,
+                                              seed=cfg.seed, batch_size=cfg.eval_batch_size)
+        sums = heldout_sums(self.student, self.teacher, self.heldout_set, self.special.pad_id,
+                            temperature=cfg.temperature, vocab_size=self.vocab_size, batch_size=cfg.eval_batch_size,
+                            chunk_size=cfg.ta.chunk_size)
+        self.heldout_set.setdefault("before", sums)
+        self.heldout_last = sums
+        return heldout_metrics(sums, cfg.seed)
 
-    def evaluate(self) -> dict:
-        return {"val/student_accuracy": self.accuracy(self.student, self.val_rows), **self.heldout()}
+    def evaluate(self, step: int) -> dict:
+        """Validation accuracy (skipped when it can only be null: no scorer) and the held-out KL,
+        announced in one line."""
+        graded = self.grader.scorable(self.val_rows)
+        n_kl = len(self.val_rows[: self.cfg.heldout_kl_prompts])
+        what = [f"student greedy accuracy on {len(self.val_rows)} validation rows"] if graded else []
+        self.log(f"[ta-opd] step {step}: evaluating " + "; ".join(what + [f"held-out KL on {n_kl} fixed samples"]))
+        acc, rate = self.accuracy(self.student, self.val_rows, "the student") if graded else (None, None)
+        return {"val/student_accuracy": acc, "ta_opd/grading/val_extraction_rate": rate, **self.heldout()}
+
+    def test_accuracy(self, model, who: str) -> tuple[float | None, float | None]:
+        """Greedy accuracy on the test rows (the validation rows when there is no test file), announced;
+        (None, None) without a scorer."""
+        if not self.grader.scorable(self.test_rows):
+            return None, None
+        split = "validation" if self.test_rows is self.val_rows else "test"
+        self.log(f"[ta-opd] evaluating {who}'s greedy accuracy on {len(self.test_rows)} {split} rows")
+        return self.accuracy(model, self.test_rows, who)
 
     # --- the loop --------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -224,11 +272,13 @@ class CPUTrainer:
             "step": self.step + 1,
             "ta_opd/kl/sampled_mean": float((scored.old_logp - scored.teacher_logp)[valid].mean()),
             "rollout/accuracy": self.grader.accuracy(sample_rows, texts),
+            "ta_opd/grading/extraction_rate": self.grader.check_extraction(sample_rows, texts, "the rollouts"),
             "rollout/response_length": float(valid.sum(-1).float().mean()),
             # one timing namespace on both backends: ta_opd/timing/<phase>_s
             "ta_opd/timing/rollout_s": t1 - t0, "ta_opd/timing/teacher_and_scoring_s": t2 - t1,
             "ta_opd/timing/update_s": t3 - t2,
             "ta_opd/timing/step_cpu_s": time.process_time() - c0,  # CPU seconds of all threads: robust to other load
+            "ta_opd/timing/step_s": time.perf_counter() - t0,  # wall seconds of the whole step
         })
         return m
 
@@ -300,22 +350,19 @@ class CPUTrainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        start = time.perf_counter()
+        self.session_start = time.perf_counter()
         self.maybe_resume()
+        done = self.finished_summary()
+        if done is not None:
+            return done
         if not self.before:
-            self.before = {"student_accuracy_before": self.accuracy(self.student, self.test_rows),
-                           "teacher_accuracy": self.accuracy(self.teacher, self.test_rows)}
-            first = {"step": 0, **self.evaluate()}
-            self.before.update({"heldout_kl_before": first["ta_opd/heldout/kl"],
-                                "heldout_kl_sampled_before": first["ta_opd/heldout/kl_sampled"]})
-            self.history.append(first)
-            self._log(first, 0)
+            self.before_training()
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc="ta-opd", dynamic_ncols=True)
         while self.step < cfg.total_steps:
             m = self.train_step()
             self.step += 1
             if (cfg.test_freq > 0 and self.step % cfg.test_freq == 0) or self.step == cfg.total_steps:
-                m.update(self.evaluate())
+                m.update(self.evaluate(self.step))
             self.history.append(m)
             self._log(m, self.step)
             bar.update(1)
@@ -323,31 +370,83 @@ class CPUTrainer:
             if (cfg.save_freq > 0 and self.step % cfg.save_freq == 0) or self.step == cfg.total_steps:
                 self.save()
         bar.close()
-        return self.finish(time.perf_counter() - start)
+        return self.finish()
+
+    def before_training(self) -> None:
+        """The evaluations before step 1: validation accuracy and held-out KL (step 0), then the
+        student's and the teacher's test accuracy — the student's pass reused when the test rows ARE
+        the validation rows, both skipped when no scorer exists."""
+        first = {"step": 0, **self.evaluate(0)}
+        if not self.grader.scorable(self.test_rows):
+            self.log("[ta-opd] accuracy evaluations skipped: no scorer for these data sources (accuracy fields are null)")
+        if self.test_rows is self.val_rows:  # no test file: step 0's validation pass is the student's test pass
+            student = first["val/student_accuracy"], first["ta_opd/grading/val_extraction_rate"]
+        else:
+            student = self.test_accuracy(self.student, "the student")
+        teacher = self.test_accuracy(self.teacher, "the teacher")
+        self.before = {"student_accuracy_before": student[0], "teacher_accuracy": teacher[0],
+                       **{f"heldout_kl{k}_before{b}": first[f"ta_opd/heldout/kl{k}{b}"]
+                          for k in ("", "_sampled") for b in ("", "_lo", "_hi")}}
+        self.extraction.update(student_before=student[1], teacher=teacher[1])
+        self.history.append(first)
+        self._log(first, 0)
+
+    def finished_summary(self) -> dict | None:
+        """A finished run launched again: its summary.json as it is (wall time, accuracies), nothing
+        re-evaluated or rewritten; None when the run is not finished or has no readable summary."""
+        path = Path(self.cfg.out_dir) / "summary.json"
+        if self.step < self.cfg.total_steps or not self.before or not path.is_file():
+            return None
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(summary, dict) or summary.get("steps") != self.step:
+            return None
+        self.log(f"[ta-opd] the run is finished (step {self.step} of trainer.total_training_steps={self.cfg.total_steps})"
+                 f": {path} is left as it is")
+        return summary
 
     def _log(self, m: dict, step: int) -> None:
         if self.tracker is not None:
             self.tracker.log(data={k: v for k, v in m.items() if k != "step" and v is not None}, step=step)
+        if "console" in self.cfg.loggers:  # the compact line; every metric goes to metrics.csv and the loggers
+            self.log(console.line(m, step, self.cfg.total_steps, self.cfg.ta.loss))
 
-    def finish(self, wall: float) -> dict:
+    def finish(self) -> dict:
         cfg = self.cfg
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         train = [h for h in self.history if "ta_opd/kept_ratio" in h]
         last_eval = next((h for h in reversed(self.history) if "ta_opd/heldout/kl" in h), {})
+        if self.test_rows is self.val_rows and last_eval.get("step") == self.step:  # that pass is the test pass
+            after = last_eval.get("val/student_accuracy"), last_eval.get("ta_opd/grading/val_extraction_rate")
+        else:
+            after = self.test_accuracy(self.student, "the student")
+        self.extraction["student_after"] = after[1]
+        if self.heldout_last is None:  # resumed at the last step: score the fixed samples once more
+            last_eval = {**last_eval, **self.heldout()}
+        rates = [h["ta_opd/grading/extraction_rate"] for h in train if h.get("ta_opd/grading/extraction_rate") is not None]
+        before = (self.heldout_set or {}).get("before")
+        same = before is not None and before["tokens"] == self.heldout_last["tokens"]
         summary = {
             "backend": "cpu", "pair": cfg.pair, "student": cfg.student_path, "teacher": cfg.teacher_path,
             "selector": cfg.ta.selector, "budget": cfg.ta.budget, "topk": cfg.ta.topk,
             "teacher_topk": cfg.ta.teacher_topk, "steps": self.step,
             "kept_ratio": float(np.mean([h["ta_opd/kept_ratio"] for h in train])) if train else None,
             **self.before,
-            "student_accuracy_after": self.accuracy(self.student, self.test_rows),
-            "heldout_kl_after": last_eval.get("ta_opd/heldout/kl"),
-            "heldout_kl_sampled_after": last_eval.get("ta_opd/heldout/kl_sampled"),
-            "heldout_kl_prompts": len(self.val_rows[: cfg.heldout_kl_prompts]),
+            "student_accuracy_after": after[0],
+            **{f"heldout_kl{k}_after{b}": last_eval.get(f"ta_opd/heldout/kl{k}{b}")
+               for k in ("", "_sampled") for b in ("", "_lo", "_hi")},
+            **(heldout_change(before, self.heldout_last, cfg.seed) if same else {}),
+            "heldout_kl_prompts": len(self.heldout_set["prompts"]) if self.heldout_set else 0,
+            "heldout_kl_tokens": last_eval.get("ta_opd/heldout/tokens"),
             "eval_problems": len(self.test_rows),
             "unscorable_data_sources": sorted(self.grader.unscorable),
-            "wall_seconds": wall, "seed": cfg.seed, "output_dir": str(out),
+            "extraction_rate": {"rollouts": float(np.mean(rates)) if rates else None, **self.extraction},
+            "min_extraction_rate": MIN_EXTRACTION_RATE,
+            "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
+            "resumed": self.wall_before > 0, "seed": cfg.seed, "output_dir": str(out),
         }
         report.write_csv(out / "metrics.csv", self.history)
         report.plot(out / "curves.png", self.history,

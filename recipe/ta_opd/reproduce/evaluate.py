@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ta_opd.errors import TAConfigError, TAInputError
+from recipe.ta_opd.grading import MIN_EXTRACTION_RATE
 from recipe.ta_opd.reproduce.results import (KNOWN_BENCHMARKS, PAPER_BENCHMARKS, SCHEMA, TOY_BENCHMARK, check_benchmarks,
                             parse_run_name)
 
@@ -202,9 +203,9 @@ def extract(fmt: str | None, text: str):
 
 
 def extraction_rate(fmt: str | None, texts: list[str]) -> float | None:
-    if fmt is None or not texts:
-        return None
-    return sum(extract(fmt, t) is not None for t in texts) / len(texts)
+    from recipe.ta_opd.grading import share_extracted  # the share training-time grading warns on, written once
+
+    return None if fmt is None else share_extracted(lambda t: extract(fmt, t), texts)
 
 
 def sanity_check(run: str, bench: str, seed: int, rate: float | None, threshold: float) -> None:
@@ -449,8 +450,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-tokens", type=int, default=8192, help="new tokens per response [8192]")
     p.add_argument("--limit", type=int, default=None, help="first N items of each benchmark (smoke tests)")
-    p.add_argument("--min-extraction-rate", type=float, default=0.5,
-                   help="fail when fewer responses have an extractable final answer [0.5]; 0 disables")
+    p.add_argument("--min-extraction-rate", type=float, default=MIN_EXTRACTION_RATE,
+                   help="fail when fewer responses have an extractable final answer [%(default)s]; 0 disables")
     p.add_argument("--overwrite", action="store_true", help="re-run (run, benchmark, seed) records that exist")
     p.add_argument("--evalscope-python", default=None, help="python of the EvalScope virtualenv (evalscope backend)")
     p.add_argument("--vllm-python", default=sys.executable, help="python with vLLM (evalscope backend)")

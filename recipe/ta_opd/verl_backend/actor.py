@@ -1,8 +1,10 @@
 """verl's ActorRolloutRefWorker with the TA-OPD actor loss installed.
 
-Importing this module registers TA-OPD's per-token losses with verl (``losses.register_all``, run
-again when the worker is built), so every Ray process that unpickles the worker class has them
-before ``init_model`` builds the distillation config.
+Importing this module registers TA-OPD's per-token losses with verl (``losses.register_losses``);
+building the worker runs ``losses.register_all``, which also registers the kept-rows update
+engine (``engine.py``), so every Ray process that builds the worker has both before
+``init_model`` builds the distillation config and verl's engine. ``update_actor`` marks its
+forward ``ta_opd_phase = "update"`` (``losses.update_flags``): the engine's cue for the kept rows.
 :func:`actor_worker_class` bakes the TA-OPD settings into a subclass because verl constructs the
 actor with a fixed argument list (config, role, distillation_config).
 """
@@ -27,7 +29,7 @@ class TAOPDActorRolloutRefWorker(ActorRolloutRefWorker):
     ACTOR_DISTILLATION: dict | None = None
 
     def __init__(self, config: DictConfig, role: str, distillation_config=None, **kwargs):
-        L.register_all()  # per-token losses registered in this process since the import (idempotent)
+        L.register_all()  # losses registered since the import, and the kept-rows engine (idempotent)
         if self.ACTOR_DISTILLATION is not None:
             distillation_config = OmegaConf.create(self.ACTOR_DISTILLATION)
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)

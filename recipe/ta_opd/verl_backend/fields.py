@@ -18,6 +18,7 @@ STAT_PREFIX = "ta_opd_stat_"
 # non-tensor flag: the actor forward is the statistics pass (old log-probs + TA statistics)
 PHASE = "ta_opd_phase"
 PHASE_STATS = "stats"
+PHASE_UPDATE = "update"  # the actor update (engine.KeptRowsEngine: LM head at the kept rows only)
 
 
 def stat_key(name: str) -> str:

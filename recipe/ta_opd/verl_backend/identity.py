@@ -55,7 +55,8 @@ SAFE_TO_CHANGE = (
     "actor_rollout_ref.actor.ppo_max_token_len_per_gpu", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
     "actor_rollout_ref.rollout.log_prob_micro_batch_size", "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu",
     "actor_rollout_ref.rollout.gpu_memory_utilization", "ta_opd.teacher.micro_batch_size", "ta_opd.teacher.chunk_size",
-    "ta_opd.teacher.timeout_s", "ta_opd.chunk_bytes", "ta_opd.chunk_size", "ta_opd.dry_run", "ta_opd.wandb_histogram", "ta_opd.token_export", "ta_opd.cpu",
+    "ta_opd.teacher.layout", "ta_opd.teacher.max_tokens_per_micro_batch",
+    "ta_opd.teacher.timeout_s", "ta_opd.chunk_bytes", "ta_opd.chunk_size", "ta_opd.dry_run", "ta_opd.wandb_histogram", "ta_opd.token_export", "ta_opd.wandb_group", "ta_opd.cpu",
     "ta_opd.toy")
 INPUT_NAMES = ("path", "train_files", "val_files")  # last key component of an input (also any "*_path")
 _claimed: set[str] = set()  # folders this process has checked and locked

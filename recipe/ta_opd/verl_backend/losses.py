@@ -96,13 +96,24 @@ def verl_loss_mode(loss: str, teacher_backend: str) -> str:
     return mode
 
 
-def register_all() -> None:
+def register_losses() -> None:
     """Register every per-token ta_opd loss with verl, for both teacher backends (idempotent:
     every process imports this module, and the import registers before any DistillationConfig is
-    built; Ray workers also run it as their setup hook)."""
+    built)."""
     for loss in per_token_losses():
         for backend in ("fsdp", "vllm"):
             verl_loss_mode(loss, backend)
+
+
+def register_all() -> None:
+    """The Ray worker setup hook (and the actor worker's constructor): :func:`register_losses`,
+    and the kept-rows update engine with verl's engine registry (``engine.register_engine``: CUDA,
+    vendor nvidia). The engine is imported here, not at this module's import: importing verl's
+    FSDP engine resolves verl's platform, which a process must be able to choose first."""
+    from recipe.ta_opd.verl_backend.engine import register_engine
+
+    register_losses()
+    register_engine()
 
 
 def _padded(x: torch.Tensor, fill=0.0) -> torch.Tensor:
@@ -164,7 +175,7 @@ def empty_micro_batch_metrics(loss_metrics: dict[str, Any]) -> dict[str, Any]:
             "distillation/loss": Metric(AggregationType.SUM, 0.0)}
 
 
-register_all()
+register_losses()
 
 
 # ----------------------------------------------------------------------------- logits processor
@@ -180,9 +191,24 @@ def _rows_and_teacher(student_logits: torch.Tensor, data):
     return rows, t_ids, t_lp
 
 
+STATS_ENTROPY = "entropy"  # verl's own model_output key, emitted by the statistics hook (one sweep)
+
+
+def entropy_from_hook(cfg: TAConfig) -> bool:
+    """Whether the statistics pass takes verl's ``entropy`` (the ``actor/entropy`` metric) from
+    our hook's H instead of asking verl for a second sweep over the logits (issue 23, item 2):
+    only when H is the full-vocabulary entropy (``ta_opd.entropy=full``); H in mode ``topk`` is
+    another quantity, and then verl computes its own."""
+    return cfg.entropy == "full"
+
+
 def statistics_outputs(student_logits: torch.Tensor, data, cfg: TAConfig, vocab_size: int) -> dict[str, torch.Tensor]:
     """The TA statistics of one micro-batch as per-token scalars, each (1, nnz) fp32: zeros on
-    rows that score no valid response token. student_logits: (1, nnz, V_model) packed."""
+    rows that score no valid response token. student_logits: (1, nnz, V_model) packed. When verl
+    was told not to compute its entropy (``calculate_entropy`` off, :func:`entropy_from_hook`),
+    also ``entropy`` = H from the same sweep: the full-vocabulary entropy over the shared
+    vocabulary (equal to verl's when the LM head has no padding rows; with padding rows it leaves
+    out their mass) at the valid response rows, 0 at rows verl's driver never reads."""
     if student_logits.dim() != 3 or student_logits.shape[0] != 1:
         raise ValueError(f"expected packed (1, nnz, V) student logits, got {tuple(student_logits.shape)}")
     nnz = student_logits.shape[1]
@@ -190,27 +216,52 @@ def statistics_outputs(student_logits: torch.Tensor, data, cfg: TAConfig, vocab_
     out = {F.stat_key(n): torch.zeros(1, nnz, dtype=torch.float32, device=student_logits.device)
            for n in PositionStats.SCALARS}
     if rows.numel() == 0:
-        return out
+        return _with_entropy(out, data, cfg)
     with torch.no_grad():
         stats = sparse_position_stats(
             student_logits[0, :, :vocab_size].detach(), t_ids.to(student_logits.device), t_lp.to(student_logits.device),
             topk=cfg.topk, entropy=cfg.entropy, rows=rows, **cfg.stats_chunking())
     for name, v in stats.scalars().items():
         out[F.stat_key(name)][0, rows] = v
+    return _with_entropy(out, data, cfg)
+
+
+def _with_entropy(out: dict[str, torch.Tensor], data, cfg: TAConfig) -> dict[str, torch.Tensor]:
+    if entropy_from_hook(cfg) and not tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False):
+        out[STATS_ENTROPY] = out[F.stat_key("H")]
     return out
 
 
-def token_loss_outputs(student_logits: torch.Tensor, data, cfg: TAConfig, vocab_size: int) -> dict[str, torch.Tensor]:
+def logit_index(rows: torch.Tensor, logit_rows: torch.Tensor | None) -> torch.Tensor:
+    """(N,) where each packed row of ``rows`` sits in the logits handed to the processor: the row
+    itself for verl's full packed logits (``logit_rows`` None), else its position in
+    ``logit_rows`` (n,) ascending, the original packed rows of the compact kept-row logits
+    (``engine.KeptRowsEngine``). Raises when a row has no logits there."""
+    if logit_rows is None:
+        return rows
+    logit_rows = logit_rows.to(rows.device)
+    at = torch.searchsorted(logit_rows, rows).clamp_max(max(logit_rows.numel() - 1, 0))  # (N,)
+    if rows.numel() and (logit_rows.numel() == 0 or not torch.equal(logit_rows[at], rows)):
+        raise ValueError(f"{rows.numel()} rows need logits but the kept-row logits cover rows "
+                         f"{logit_rows.tolist()[:8]}...; the engine's plan and response_mask disagree")
+    return at
+
+
+def token_loss_outputs(student_logits: torch.Tensor, data, cfg: TAConfig, vocab_size: int,
+                       logit_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The per-token loss of logits-path loss ``cfg.loss`` (with gradient) and its per-token
     metrics, each (1, nnz): computed at the kept rows only, zeros elsewhere. The declared
     LossInputs are built per chunk of rows as a (1, n) batch: the student's full-vocabulary
     log-probs at the teacher's top-K ids (its first K of K') and rest mass, the teacher's top-K
     log-probs, log π_θ(y_t) from the same logits (every logit row, as verl's ``log_probs``),
     log π_old(y_t) and log π_T(y_t) from the batch.
-    student_logits: (1, nnz, V_model) packed."""
+    student_logits: (1, nnz, V_model) packed, or (1, n, V_model) at the original packed rows
+    ``logit_rows`` (n,) only (the kept-rows engine; :func:`logit_index`)."""
     needs, token_fn = loss_needs(cfg.loss), get_token_loss(cfg.loss)
     dev = student_logits.device
     rows, t_ids, t_lp = _rows_and_teacher(student_logits, data)  # (N,), (N, K'), (N, K')
+    at = logit_index(rows, logit_rows)  # (N,) rows of student_logits
+    nnz = student_logits.shape[1] if logit_rows is None else data["input_ids"].values().shape[0]
     ids = t_ids[:, : cfg.topk].long().to(dev)  # (N, K)
     t_lp = t_lp[:, : cfg.topk].to(dev)  # (N, K)
     _check_teacher_rows(t_lp, rows)
@@ -242,10 +293,10 @@ def token_loss_outputs(student_logits: torch.Tensor, data, cfg: TAConfig, vocab_
     from torch.utils.checkpoint import checkpoint
 
     n, step = rows.numel(), cfg.chunk_size
-    parts = [checkpoint(chunk, student_logits, rows[a:a + step], ids[a:a + step], t_lp[a:a + step],
+    parts = [checkpoint(chunk, student_logits, at[a:a + step], ids[a:a + step], t_lp[a:a + step],
                         sampled[a:a + step], *(v[a:a + step] for v in from_batch), use_reentrant=False)
              for a in range(0, max(n, 1), step)]  # n = 0: one empty chunk, for the metric names
-    zeros = torch.zeros(1, student_logits.shape[1], dtype=torch.float32, device=dev)
+    zeros = torch.zeros(1, nnz, dtype=torch.float32, device=dev)
     at = (torch.zeros_like(rows), rows)
     loss = zeros.index_put(at, torch.cat([p[0] for p in parts]))
     if n == 0:  # still a function of the logits: every FSDP rank runs the same backward collectives
@@ -266,29 +317,31 @@ def _check_teacher_rows(t_lp: torch.Tensor, rows: torch.Tensor) -> None:
                            "teacher outputs would make the top-K loss NaN; check the teacher at that position")
 
 
-def update_flags(loss_mode: str) -> dict[str, bool]:
+def update_flags(loss_mode: str) -> dict[str, bool | str]:
     """The engine flags of the update forward for a registered loss mode. verl derives them from its
     global distillation switch and the loss's top-K setting, which fits neither of our paths: the
     sampled path needs verl's current log-probs (verl would skip them for a top-K loss without
     policy gradient) and no logits processor; the logits path needs the processor and nothing else
-    (it computes log π_θ(y_t) itself when the loss reads it)."""
+    (it computes log π_θ(y_t) itself when the loss reads it). Plus ``ta_opd_phase = "update"``:
+    the kept-rows engine (``engine.py``) runs this forward on the kept rows only."""
     if loss_mode not in _MODES:
         raise TAConfigError(f"verl loss mode {loss_mode!r} was not registered by TA-OPD; registered: "
                             f"{', '.join(sorted(_MODES))}")
     logits = _MODES[loss_mode][1]
-    return {"distillation_use_topk": logits, "distillation_only": logits}
+    return {"distillation_use_topk": logits, "distillation_only": logits, F.PHASE: F.PHASE_UPDATE}
 
 
 def ta_opd_actor_loss(*, inner, cfg: TAConfig, vocab_size: int, loss_mode: str, model_output=None, data=None,
                       dp_group=None, student_logits=None, data_format: str = "thd", actor_config=None,
-                      distillation_config=None):
-    """The actor's loss function (see module docstring); ``inner`` is verl's distillation loss."""
+                      distillation_config=None, logit_rows=None):
+    """The actor's loss function (see module docstring); ``inner`` is verl's distillation loss.
+    ``logit_rows``: the original packed rows of compact kept-row logits (``engine.py``)."""
     phase = tu.get_non_tensor_data(data=data, key=F.PHASE, default=None)
     if student_logits is not None:  # called as logits processor
         if phase == F.PHASE_STATS:
             return statistics_outputs(student_logits, data, cfg, vocab_size)
         if _MODES[loss_mode][1]:
-            return token_loss_outputs(student_logits, data, cfg, vocab_size)
+            return token_loss_outputs(student_logits, data, cfg, vocab_size, logit_rows)
         return {}
     if phase == F.PHASE_STATS:
         return torch.zeros((), device=_any_tensor(model_output).device), {}

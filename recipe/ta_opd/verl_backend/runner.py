@@ -65,6 +65,8 @@ class TAOPDTaskRunner(BaseTaskRunner):
 
         from recipe.ta_opd.verl_backend.trainer import TAOPDRayTrainer, VerlSettings
         from recipe.ta_opd.verl_backend.validate import check_cluster
+        from recipe.ta_opd.wandb_run import apply_group
+        from recipe.ta_opd.wandb_run import finish as finish_wandb
 
         self.plan = plan = plan or self.PLAN
         # before any data or model loads, on what is free now (other jobs on the cluster included)
@@ -91,8 +93,14 @@ class TAOPDTaskRunner(BaseTaskRunner):
             resource_pool_manager=resource_pool_manager, ray_worker_group_cls=wg_cls, train_dataset=train,
             val_dataset=val, collate_fn=collate_fn, train_sampler=create_rl_sampler(config.data, train),
             ta_cfg=plan.ta, ta_settings=settings)
+        apply_group(config)  # ta_opd.wandb_group -> $WANDB_RUN_GROUP, read by the wandb.init inside fit()'s Tracking
         trainer.init_workers()
-        trainer.fit()
+        ok = False
+        try:
+            trainer.fit()
+            ok = True
+        finally:
+            finish_wandb(ok)  # verl's fit() leaves its W&B run open; a killed worker would lose its tail
 
 
 def add_recipe_runtime_env(config) -> None:

@@ -29,7 +29,7 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import no_padding_2_padding
 
 from recipe.ta_opd.verl_backend import fields as F
-from recipe.ta_opd.verl_backend.losses import update_flags
+from recipe.ta_opd.verl_backend.losses import entropy_from_hook, update_flags
 from ta_opd.config import TAConfig
 from ta_opd.rollout import response_slice
 from ta_opd.select import Selection, select_positions
@@ -162,10 +162,15 @@ class StatsPass:
     """The actor worker group as verl's ``_compute_old_log_prob`` sees it during the statistics
     pass: ``compute_log_prob`` also runs the TA statistics hook (the actor loss as logits processor,
     fed the teacher's fields) and keeps the per-token statistics, unpadded to (B, R), in ``stats``;
-    every other attribute is the real worker group's. verl's body stays verl's."""
+    every other attribute is the real worker group's. verl's body stays verl's.
 
-    def __init__(self, wg):
+    One sweep over the logits (issue 23, item 2): with ``hook_entropy`` (``losses.entropy_from_hook``)
+    verl's own entropy is switched off and the hook hands verl its H as ``entropy`` (verl's driver
+    turns it into ``actor/entropy``), instead of verl computing the entropy at every row again."""
+
+    def __init__(self, wg, hook_entropy: bool = False):
         self._wg = wg
+        self.hook_entropy = hook_entropy
         self.stats: dict[str, torch.Tensor] = {}
 
     def __getattr__(self, name):
@@ -174,6 +179,8 @@ class StatsPass:
     def compute_log_prob(self, batch_td):
         tu.assign_non_tensor(batch_td, compute_loss=True, distillation_use_topk=True, distillation_only=False,
                              **{F.PHASE: F.PHASE_STATS})
+        if self.hook_entropy:
+            tu.assign_non_tensor(batch_td, calculate_entropy=False)
         output = self._wg.compute_log_prob(batch_td)
         for name in PositionStats.SCALARS:
             key = F.stat_key(name)
@@ -227,7 +234,7 @@ class TAOPDRayTrainer(RayPPOTrainer):
             metrics.update(teacher_logp_from_topk(batch, self.ta.vocab_size))
         t1 = time.perf_counter()
         wg = self.actor_rollout_wg
-        self.actor_rollout_wg = stats_pass = StatsPass(wg)
+        self.actor_rollout_wg = stats_pass = StatsPass(wg, hook_entropy=entropy_from_hook(self.ta_cfg))
         try:
             old_log_prob, mfu = super()._compute_old_log_prob(batch)
         finally:

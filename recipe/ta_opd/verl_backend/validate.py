@@ -18,6 +18,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipe.ta_opd.verl_backend.losses import on_logits_path, verl_loss_mode
+from recipe.ta_opd.wandb_run import wandb_group
 from ta_opd._checks import is_int, is_real
 from ta_opd.config import TAConfig
 from ta_opd.errors import TAConfigError
@@ -278,6 +279,17 @@ def check_loss_settings(cfg: DictConfig, ta: TAConfig, logits_path: bool) -> Non
                             "import it)")
 
 
+def check_teacher_token_budget(budget: int | None, cfg: DictConfig) -> None:
+    """The teacher forwards one sequence at least: a token budget below the longest sequence would
+    fail on the first long rollout, on the cluster; say so now."""
+    longest = _positive_int(cfg.data.get("max_prompt_length", 1), "data.max_prompt_length") + \
+        _positive_int(cfg.data.max_response_length, "data.max_response_length")
+    if budget is not None and budget < longest:
+        raise TAConfigError(f"ta_opd.teacher.max_tokens_per_micro_batch={budget} is below the longest sequence, "
+                            f"data.max_prompt_length + max_response_length = {longest}; set it to at least {longest} "
+                            f"(or null to batch by ta_opd.teacher.micro_batch_size alone)")
+
+
 def check_teacher_embeds(student_logits: int, teacher_rows: int) -> None:
     """The rollout samples over every student logit row and the teacher is fed the sampled ids as
     context: a student with more logit rows than the teacher has embedding rows can hand the teacher
@@ -350,6 +362,7 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
     for key in ("wandb_histogram", "token_export"):
         if not isinstance(cfg.ta_opd.get(key, False), bool):
             raise TAConfigError(f"ta_opd.{key}={cfg.ta_opd.get(key)!r} is not allowed; choose true or false")
+    wandb_group(cfg)  # checked here, before Ray; set in the task runner (recipe/ta_opd/wandb_run.py)
     colocate = node.get("colocate", False)
     if not isinstance(colocate, bool):
         raise TAConfigError(f"ta_opd.teacher.colocate={colocate!r} is not allowed; choose true or false")
@@ -409,12 +422,14 @@ def plan(cfg: DictConfig, ta: TAConfig, *, student_path: str, teacher_path: str,
             actor["nnodes"], actor["n_gpus_per_node"] = 1, 1
             actor_distillation = actor
     worker = dict(model_path=teacher_path, vocab_size=vocab, teacher_topk=ta.teacher_topk,
-                  micro_batch_size=_positive_int(node.micro_batch_size, "ta_opd.teacher.micro_batch_size"),
+                  layout=node.get("layout", "sorted"), micro_batch_size=node.micro_batch_size,
+                  max_tokens_per_micro_batch=node.get("max_tokens_per_micro_batch", None),
                   chunk_size=_positive_int(node.chunk_size, "ta_opd.teacher.chunk_size"),
                   param_dtype=str(node.param_dtype), logp_dtype=str(node.logp_dtype),
                   timeout_s=_positive_int(node.get("timeout_s", 3600), "ta_opd.teacher.timeout_s"))
     from recipe.ta_opd.verl_backend.teacher import TeacherWorkerConfig
 
     TeacherWorkerConfig(**worker)  # validates dtypes and sizes now, not on the cluster
+    check_teacher_token_budget(worker["max_tokens_per_micro_batch"], cfg)
     return VerlPlan(ta=ta, vocab_size=vocab, teacher_backend=backend, loss_mode=loss_mode, teacher_worker=worker,
                     actor_distillation=copy.deepcopy(actor_distillation), pools=pools)

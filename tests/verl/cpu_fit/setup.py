@@ -9,6 +9,9 @@ teacher ranks, agent-loop and reward workers, rollout servers — gets, before i
 2. the CPU platform, selected (``VERL_PLATFORM=cpu``);
 3. engine selection: ``VERL_ENGINE_DEVICE=cuda`` makes verl's ``EngineRegistry`` hand out its
    FSDP engine (registered for cuda/npu only), which then runs on the platform's device, the CPU;
+   the recipe's kept-rows engine (``recipe/ta_opd/verl_backend/engine.py``, registered for
+   (cuda, nvidia)) is registered for (cuda, this platform's vendor ``cpu``) too, so the test runs
+   the update the way a GPU run does;
 4. the CPU rollout (``RolloutReplicaRegistry.register`` + the in-worker adapter class);
 5. the actor ranks' process group opened on plain gloo before verl opens it (see
    :func:`gloo_before_verl`);
@@ -80,6 +83,10 @@ def worker_setup() -> None:
 
     module, _, fn = SETUP_HOOK.rpartition(".")
     getattr(importlib.import_module(module), fn)()
+    from recipe.ta_opd.verl_backend.engine import register_engine
+    from tests.verl.cpu_fit.platform import PlatformCPU
+
+    register_engine(os.environ["VERL_ENGINE_DEVICE"], PlatformCPU().vendor_name)
     gloo_before_verl()
     if os.environ.get(RECORD_ENV):
         from tests.verl.cpu_fit.record import install
