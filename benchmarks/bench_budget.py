@@ -41,7 +41,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_scoring import _median_time, _rss_kb  # noqa: E402
+from bench_scoring import MEMORY_ENV, _median_time, _rss_kb, reset_peak  # noqa: E402
 
 from recipe.ta_opd.cpu.step import ScoredBatch, update  # noqa: E402
 from ta_opd import TAConfig  # noqa: E402
@@ -106,11 +106,6 @@ def make_scored(ro: Rollout, rho: float, seed: int = 0) -> ScoredBatch:
     return ScoredBatch(old_logp=old, teacher=None, teacher_logp=teacher, stats=None, selection=sel)
 
 
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-
-
 def child(a) -> None:
     """One update of one configuration in this fresh process; prints a JSON line."""
     from transformers import LlamaForCausalLM
@@ -130,11 +125,11 @@ def child(a) -> None:
 
     def before_step(*_):  # the forward + backward's peak, then the optimizer step's own
         phase["fwd_bwd_kb"] = _rss_kb("VmHWM")
-        _reset_peak()
+        reset_peak()
 
     opt.register_step_pre_hook(before_step)
     before = _rss_kb("VmRSS")
-    _reset_peak()
+    reset_peak()
     t0, c0 = time.perf_counter(), time.process_time()
     m = update(model, opt, ro, scored, cfg, grad_clip=1.0, temperature=1.0, kept_rows=kept_rows,
                gradient_checkpointing=True)
@@ -156,7 +151,7 @@ def run_child(a, name: str, memory: bool) -> dict:
             "--prompt", str(a.prompt), "--response", str(a.response)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if memory:
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        env |= MEMORY_ENV
     res = subprocess.run(argv, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"child {name} failed:\n{res.stderr[-3000:]}")

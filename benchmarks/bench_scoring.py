@@ -65,6 +65,18 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+# a child measuring peak memory runs with glibc's mmap threshold fixed at 64 KiB, so a freed tensor's
+# pages go back to the kernel and the resident set follows the live tensors (otherwise glibc keeps
+# freed blocks and the same configuration's peak varied by 0.3 GB between runs); not for timing
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def reset_peak() -> None:
+    """Reset this process's VmHWM (peak resident set) to its current resident set."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_extra_gb(fn) -> float:
     """Peak RSS above the RSS before fn(), after resetting the kernel's high-water mark.
 

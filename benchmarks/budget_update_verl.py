@@ -13,12 +13,12 @@ tokens; the kept positions are ⌈ρ·|I|⌉ response positions drawn uniformly 
 timed; spread-out kept positions give the trimmed forward little to cut, so the saving measured
 is mostly the LM head and log-softmax at the kept rows only).
 
-Each configuration runs in a fresh subprocess (``OMP_NUM_THREADS=1``). Memory: the growth of
-``resource.getrusage(RUSAGE_SELF).ru_maxrss`` over the forward-backward, after a warm-up step on
-a micro-batch with nothing kept has allocated the gradients; tracemalloc does not see torch's
-allocations, and the process's high-water mark counts every allocator (torch's CPU allocator
-returns freed blocks to glibc, which reuses them), so the delta is the step's peak above weights
-+ gradients (no optimizer state exists: no optimizer step is taken). Time: CPU seconds of the
+Each configuration runs in two fresh subprocesses (``OMP_NUM_THREADS=1``), as in
+``bench_budget.py``: one timed, one measuring memory with glibc's mmap threshold fixed
+(``bench_scoring.MEMORY_ENV``). Memory: after a warm-up step on a micro-batch with nothing kept
+has allocated the gradients, the peak resident set (VmHWM, reset just before the step) minus the
+resident set before it: the step's peak above weights + gradients (no optimizer state exists: no
+optimizer step is taken). Time: CPU seconds of the
 process (``time.process_time``, one thread: unaffected by other jobs on a shared machine) and
 wall seconds, each the median of 2 steps; the ratios use CPU seconds.
 """
@@ -71,9 +71,9 @@ def _batch(rho: float):
             "ta_opd_teacher_logp": torch.where(valid, -9.0, 0.0)}
 
 
-def _one(model_path: str, rho: float, kept: bool) -> dict:
+def _one(model_path: str, rho: float, kept: bool, memory: bool = False) -> dict:
     """One configuration, in this (fresh) process."""
-    import resource
+    from benchmarks.bench_scoring import _rss_kb, reset_peak
     import statistics
     import time
 
@@ -130,9 +130,10 @@ def _one(model_path: str, rho: float, kept: bool) -> dict:
 
     step(td(0.0, F.PHASE_UPDATE))  # nothing kept: one token through the model, allocates every gradient
     data = td(rho, F.PHASE_UPDATE if kept else None)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    times = [step(data) for _ in range(2)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    before = _rss_kb("VmRSS")
+    reset_peak()
+    times = [step(data) for _ in range(1 if memory else 2)]
+    peak = _rss_kb("VmHWM") - before
     n_valid = sum(RESPONSES)
     return {"rho": rho, "kept_engine": kept, "kept": int(math.ceil(rho * n_valid)), "valid": n_valid,
             "cpu_s": statistics.median(t[0] for t in times), "wall_s": statistics.median(t[1] for t in times),
@@ -140,7 +141,9 @@ def _one(model_path: str, rho: float, kept: bool) -> dict:
 
 
 def measure_update_verl() -> dict:
-    """Every configuration in its own subprocess, then the ratios against ``full_verl``."""
+    """Every configuration in its own subprocesses (timed; memory), then the ratios against ``full_verl``."""
+    from benchmarks.bench_scoring import MEMORY_ENV
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out: dict = {"layers": LAYERS, "prompt": PROMPT, "responses": list(RESPONSES)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,12 +151,15 @@ def measure_update_verl() -> dict:
         subprocess.run([sys.executable, "-c", f"from benchmarks.budget_update_verl import _smollm2_like; "
                         f"_smollm2_like({model!r})"], check=True, env=env, cwd=REPO)
         for name, (rho, kept) in CONFIGS.items():
-            code = (f"import json; from benchmarks.budget_update_verl import _one; "
-                    f"print('RESULT', json.dumps(_one({model!r}, {rho}, {kept})))")
-            res = subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO, capture_output=True,
-                                 text=True)
-            line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
-            out[name] = json.loads(line[len("RESULT "):])
+            runs = {}
+            for memory in (False, True):  # timed; then memory (fixed mmap threshold: page faults, not timed)
+                code = (f"import json; from benchmarks.budget_update_verl import _one; "
+                        f"print('RESULT', json.dumps(_one({model!r}, {rho}, {kept}, {memory})))")
+                res = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True,
+                                     text=True, env=env | (MEMORY_ENV if memory else {}))
+                line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
+                runs[memory] = json.loads(line[len("RESULT "):])
+            out[name] = {**runs[False], "peak_mb": runs[True]["peak_mb"]}
     full = out["full_verl"]
     for name in CONFIGS:
         if name != "full_verl":

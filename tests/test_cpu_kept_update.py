@@ -9,6 +9,7 @@ rtol 1e-4 / atol 1e-6 (observed on this case: max |Δgrad| 2.2e-8, at most 3.3e-
 tensor's largest gradient), metrics to rtol 1e-5."""
 
 import copy
+import re
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 from recipe.ta_opd.cpu.step import score_batch, update
 from ta_opd import TAConfig
-from ta_opd.errors import TAInputError
+from ta_opd.errors import TAConfigError, TAInputError
 from ta_opd.losses import available_losses
 from ta_opd.rollout import Rollout, kept_rows_supported, rollout_logits, rollout_logits_at
 
@@ -178,3 +179,16 @@ def test_rows_must_be_a_bool_grid_of_response_positions(case):
         rollout_logits_at(student, ro, ro.response_mask.long())
     with pytest.raises(TAInputError, match=r"rows must be a \(B, R\)"):
         rollout_logits_at(student, ro, ro.response_mask[:, :5])
+
+
+def test_the_cpu_run_honours_verls_gradient_checkpointing_key():
+    """``actor_rollout_ref.model.enable_gradient_checkpointing`` (verl's key, true in the composed
+    default as in the paper settings) reaches the CPU update; a non-boolean is refused by name."""
+    from recipe.ta_opd.cpu.plan import read
+    from tests.cli_inprocess import config
+
+    key = "actor_rollout_ref.model.enable_gradient_checkpointing"
+    assert read(config(["trainer.experiment_name=t"]))["gradient_checkpointing"] is True
+    assert read(config(["trainer.experiment_name=t", f"{key}=false"]))["gradient_checkpointing"] is False
+    with pytest.raises(TAConfigError, match=rf"^{re.escape(key)}='yes' is not allowed"):
+        read(config(["trainer.experiment_name=t", f"{key}=yes"]))

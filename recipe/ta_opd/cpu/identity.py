@@ -22,7 +22,7 @@ from ta_opd.errors import TAConfigError
 # CPURunConfig fields that may change between a checkpoint and its resumption
 SAFE_TO_CHANGE = frozenset({"total_steps", "test_freq", "save_freq", "resume_mode", "project", "experiment",
                             "loggers", "rollout_dir", "out_dir", "max_ckpt_to_keep", "pair",
-                            "token_export", "wandb_histogram"})
+                            "token_export", "wandb_histogram", "gradient_checkpointing"})
 PATH_FIELDS = frozenset({"student_path", "teacher_path", "train_file", "val_file", "test_file"})
 
 

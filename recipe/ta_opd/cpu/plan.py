@@ -123,6 +123,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("chat_template_kwargs", "data.apply_chat_template_kwargs", _mapping, lambda v: dict(v or {})),
     Knob("token_export", "ta_opd.token_export", _flag, default=False),
     Knob("wandb_histogram", "ta_opd.wandb_histogram", _flag, default=True),
+    Knob("gradient_checkpointing", "actor_rollout_ref.model.enable_gradient_checkpointing", _flag, default=False),
     Knob("num_threads", "ta_opd.cpu.num_threads", need(
         lambda v: v is None or (is_int(v) and 1 <= v <= preflight.visible_cpus()),
         f"it must be null or an integer in [1, {preflight.visible_cpus()}] (the CPUs visible to this process)")),

@@ -73,6 +73,7 @@ class CPURunConfig:
     max_ckpt_to_keep: int | None = None  # newest checkpoints kept (trainer.max_actor_ckpt_to_keep; None: all)
     token_export: bool = False  # every step's per-token numbers to <out_dir>/tokens/step_<n>.parquet
     wandb_histogram: bool = True  # the selector score's W&B histogram each step (when wandb is a logger)
+    gradient_checkpointing: bool = False  # recompute activations in the update's backward (verl's key; same gradient)
 
 
 def _load(path: str, key: str = "model path"):
@@ -258,7 +259,7 @@ class CPUTrainer:
                              temperature=cfg.temperature)
         t2 = time.perf_counter()
         m = update(self.student, self.opt, ro, scored, cfg.ta, cfg.grad_clip, vocab_size=self.vocab_size,
-                   temperature=cfg.temperature)
+                   temperature=cfg.temperature, gradient_checkpointing=cfg.gradient_checkpointing)
         t3 = time.perf_counter()
         valid = ro.response_mask
         texts = self.tok.batch_decode(ro.responses, skip_special_tokens=True)

@@ -197,6 +197,18 @@ class TAOPDRayTrainer(RayPPOTrainer):
         self._ta_metrics: dict[str, float] = {}
         self._ta_response_mask: torch.Tensor | None = None  # this step's response_mask before TA changed it
 
+    def _shutdown_dump_executor(self):
+        """verl's ``fit()`` calls this only where it ends (validation-only return, last step, end of
+        the loop), after its last ``logger.log``: the W&B run it opened is finished here, on the task
+        runner's thread while ``fit()`` still runs, so the last step's buffered row and the exit record
+        are written before the runner returns (Ray then kills it, and W&B's service, its child, with it).
+        Left to verl's ``Tracking.__del__`` as ``fit()`` unwinds, that finish never completed in the
+        runner: the last step and the exit record were lost."""
+        super()._shutdown_dump_executor()
+        from recipe.ta_opd.wandb_run import finish
+
+        finish(True)
+
     def init_workers(self):
         super().init_workers()
         if self.ta.teacher_backend == "fsdp":
