@@ -57,6 +57,12 @@ def pair_overrides(pair, steps: int, lr: float, prompts: int, samples: int, eval
             f"ta_opd.cpu.heldout_kl_prompts={kl_prompts}", "ta_opd.cpu.eval_batch_size=50"]
 
 
+def sweep_argv(out: Path, jobs: int, seeds: list[int], overrides: list[str]) -> list[str]:
+    """toy_sweep's command line: ``--seeds`` takes one or more values, so it goes first (after it
+    the overrides would be read as seeds)."""
+    return ["--seeds", *map(str, seeds), "--out", str(out), "--jobs", str(jobs), *overrides]
+
+
 def curves(out: Path, grid: list[tuple], seeds: list[int]) -> list[dict]:
     """Mean ± std over seeds of each CURVE_KEYS metric per step and setting, from the runs'
     metrics.csv; written to out/curves.csv and out/curves.png."""
@@ -153,8 +159,7 @@ def main(argv=None) -> int:
     if a.what == "diagnose":
         return diagnose(out, pair, a.steps, a.bank_prompts, a.bank_per_prompt)
     over = pair_overrides(pair, a.steps, a.lr, a.prompts, a.samples, a.eval_size, a.kl_prompts) + a.overrides
-    toy_sweep.main(["--out", str(out), "--jobs", str(a.jobs), "--seeds", *map(str, a.seeds), *over],
-                   grid=GRID, pair_key=pair.root.name)
+    toy_sweep.main(sweep_argv(out, a.jobs, a.seeds, over), grid=GRID, pair_key=pair.root.name)
     curves(out, GRID, a.seeds)
     return 0
 

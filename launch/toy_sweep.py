@@ -129,8 +129,7 @@ def _claim(out: Path, overrides: list[str], pair_key: str | None = None) -> None
     f.write_text(json.dumps(meta, indent=2))
 
 
-def main(argv=None, grid: list[tuple] = GRID, pair_key: str | None = None) -> None:
-    """The sweep over ``grid`` ((selector, budget, loss) rows); launch/real_lm.py passes its own grid and pair."""
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
@@ -139,6 +138,12 @@ def main(argv=None, grid: list[tuple] = GRID, pair_key: str | None = None) -> No
     a = p.parse_args(argv)
     if a.jobs < 1:
         p.error(f"--jobs={a.jobs} is not allowed; it must be >= 1")
+    return a
+
+
+def main(argv=None, grid: list[tuple] = GRID, pair_key: str | None = None) -> None:
+    """The sweep over ``grid`` ((selector, budget, loss) rows); launch/real_lm.py passes its own grid and pair."""
+    a = parse(argv)
     out = Path(a.out).resolve()
     _claim(out, a.overrides, pair_key)
     todo = [(s, b, loss, seed) for s, b, loss in grid for seed in a.seeds]

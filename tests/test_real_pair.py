@@ -291,6 +291,15 @@ def test_launcher_curves_average_seeds_per_step(tmp_path):
         real_lm.pair_overrides(None, 1, 4e-6, 4, 4, 100, 16)
 
 
+def test_launcher_hands_the_sweep_its_seeds_and_overrides_apart(tmp_path):
+    """Before: ``--seeds 0 1 2`` came last, so the sweep read the pair's overrides as seeds and
+    exited with "invalid int value"."""
+    real_lm = _launcher()
+    over = ["actor_rollout_ref.model.path=/x/student", "trainer.total_training_steps=12"]
+    a = real_lm.toy_sweep.parse(real_lm.sweep_argv(tmp_path, 1, [0, 1, 2], over))
+    assert a.seeds == [0, 1, 2] and a.overrides == over and a.jobs == 1 and a.out == str(tmp_path)
+
+
 def test_launcher_diagnose_needs_the_full_opd_checkpoint_first(tmp_path):
     with pytest.raises(SystemExit, match="global_step_16/actor does not exist; run `python launch/real_lm.py compare"):
         _launcher().diagnose(tmp_path, None, 16, 64, 4)
