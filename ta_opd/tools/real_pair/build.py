@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ta_opd.tools.built_pair import BuiltPair
 from ta_opd.tools.real_pair import load, sft, task
 from ta_opd.tools.real_pair.checkpoint import load_sft_checkpoint, save_sft_checkpoint, write_atomic
 from ta_opd.tools.real_pair.evaluate import evaluate
@@ -93,21 +94,11 @@ def cache_key(spec: RealPairSpec, source: Source) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
-class RealPair:
-    root: Path
-    teacher: Path
-    student: Path
-    train_file: Path
-    val_file: Path
-    test_file: Path
-    manifest: dict
+RealPair = BuiltPair  # the real pair's folders (ta_opd/tools/built_pair.py)
 
 
 def _paths(root: Path) -> RealPair:
-    return RealPair(root, root / "teacher", root / "student", root / "data" / "train.parquet",
-                    root / "data" / "val.parquet", root / "data" / "test.parquet",
-                    json.loads((root / "manifest.json").read_text()))
+    return RealPair.at(root, json.loads((root / "manifest.json").read_text()))
 
 
 def build_cached(cache_dir: str | Path | None = None, spec: RealPairSpec = RealPairSpec(), source: Source = PUBLISHED,

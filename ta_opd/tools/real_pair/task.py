@@ -18,6 +18,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from ta_opd.tools.built_pair import verl_row
+
 DATA_SOURCE = "ta_opd_real_arith"
 INSTRUCTION = "Solve it step by step and end with 'Answer: <number>'."
 MAX_COUNT = 99
@@ -119,13 +121,5 @@ def is_correct(text: str, ground_truth: int | str) -> bool:
 
 def to_rows(problems: list[Problem], split: str) -> list[dict]:
     """verl's dataset layout: chat-message prompt, data_source, rule-based ground truth."""
-    return [
-        {
-            "data_source": DATA_SOURCE,
-            "prompt": [{"role": "user", "content": p.prompt}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": str(p.answer)},
-            "extra_info": {"split": split, "index": i, "solution": solution(p)},
-        }
-        for i, p in enumerate(problems)
-    ]
+    return [verl_row(DATA_SOURCE, p.prompt, p.answer, split, i, solution=solution(p))
+            for i, p in enumerate(problems)]

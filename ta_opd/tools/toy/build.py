@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from ta_opd.tools.built_pair import BuiltPair
 from ta_opd.tools.toy import shipped, task
 from ta_opd.tools.toy.tokenizer import VERSION as TOKENIZER_VERSION
 from ta_opd.tools.toy.models import (STUDENT_ARCH, TEACHER_ARCH, build_model, answer_accuracy, sft, sft_examples)
@@ -87,20 +88,11 @@ class ToySpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
-class ToyPair:
-    root: Path
-    teacher: Path
-    student: Path
-    train_file: Path
-    val_file: Path
-    test_file: Path
-    manifest: dict
+ToyPair = BuiltPair  # the toy's folders (ta_opd/tools/built_pair.py)
 
 
 def _paths(root: Path, manifest: dict) -> ToyPair:
-    return ToyPair(root, root / "teacher", root / "student", root / "data" / "train.parquet",
-                   root / "data" / "val.parquet", root / "data" / "test.parquet", manifest)
+    return ToyPair.at(root, manifest)
 
 
 def load_or_build(cache_dir: str | Path | None = None, spec: ToySpec = ToySpec(), log=print) -> ToyPair:

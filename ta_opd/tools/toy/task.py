@@ -21,6 +21,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from ta_opd.tools.built_pair import verl_row
+
 DATA_SOURCE = "ta_opd_toy_addition"
 _ANSWER = re.compile(r"(?:A:|R=)(\d+)\s*$")
 
@@ -117,13 +119,4 @@ def make_split(n: int, seed: int, *, exclude: set[str] | frozenset = frozenset()
 
 def to_rows(problems: list[Problem], split: str) -> list[dict]:
     """verl's dataset layout: chat-message prompt, data_source, rule-based ground truth."""
-    return [
-        {
-            "data_source": DATA_SOURCE,
-            "prompt": [{"role": "user", "content": p.prompt}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": str(p.answer)},
-            "extra_info": {"split": split, "index": i, "a": p.a, "b": p.b},
-        }
-        for i, p in enumerate(problems)
-    ]
+    return [verl_row(DATA_SOURCE, p.prompt, p.answer, split, i, a=p.a, b=p.b) for i, p in enumerate(problems)]
