@@ -84,8 +84,7 @@ def peak_extra_gb(fn) -> float:
     the allocator's retained pages would hide the pass's own temporaries."""
     gc.collect()
     before = _rss_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    reset_peak()
     out = fn()
     peak = _rss_kb("VmHWM")
     del out

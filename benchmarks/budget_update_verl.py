@@ -73,7 +73,7 @@ def _batch(rho: float):
 
 def _one(model_path: str, rho: float, kept: bool, memory: bool = False) -> dict:
     """One configuration, in this (fresh) process."""
-    from benchmarks.bench_scoring import _rss_kb, reset_peak
+    from benchmarks.bench_scoring import peak_extra_gb
     import statistics
     import time
 
@@ -130,14 +130,12 @@ def _one(model_path: str, rho: float, kept: bool, memory: bool = False) -> dict:
 
     step(td(0.0, F.PHASE_UPDATE))  # nothing kept: one token through the model, allocates every gradient
     data = td(rho, F.PHASE_UPDATE if kept else None)
-    before = _rss_kb("VmRSS")
-    reset_peak()
-    times = [step(data) for _ in range(1 if memory else 2)]
-    peak = _rss_kb("VmHWM") - before
+    times: list[tuple[float, float]] = []
+    peak_gb = peak_extra_gb(lambda: times.extend(step(data) for _ in range(1 if memory else 2)))
     n_valid = sum(RESPONSES)
     return {"rho": rho, "kept_engine": kept, "kept": int(math.ceil(rho * n_valid)), "valid": n_valid,
             "cpu_s": statistics.median(t[0] for t in times), "wall_s": statistics.median(t[1] for t in times),
-            "peak_mb": peak / 1024}
+            "peak_mb": peak_gb * 1024}
 
 
 def measure_update_verl() -> dict:

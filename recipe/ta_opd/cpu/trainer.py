@@ -220,6 +220,10 @@ class CPUTrainer:
             self.heldout_set = sample_heldout(self.student, [self.prompt(r) for r in rows], self.special,
                                               max_new_tokens=cfg.max_response_length, temperature=cfg.temperature,
                                               seed=cfg.seed, batch_size=cfg.eval_batch_size)
+            empty = sum(1 for r in self.heldout_set["responses"] if not r)
+            if empty:
+                self.log(f"[ta-opd] the held-out KL scores {len(rows) - empty} of {len(rows)} prompts: the student's "
+                         f"sample of {empty} is empty (no token to score)")
         sums = heldout_sums(self.student, self.teacher, self.heldout_set, self.special.pad_id,
                             temperature=cfg.temperature, vocab_size=self.vocab_size, batch_size=cfg.eval_batch_size,
                             chunk_size=cfg.ta.chunk_size)
@@ -440,7 +444,7 @@ class CPUTrainer:
             **{f"heldout_kl{k}_after{b}": last_eval.get(f"ta_opd/heldout/kl{k}{b}")
                for k in ("", "_sampled") for b in ("", "_lo", "_hi")},
             **(heldout_change(before, self.heldout_last, cfg.seed) if same else {}),
-            "heldout_kl_prompts": len(self.heldout_set["prompts"]) if self.heldout_set else 0,
+            "heldout_kl_prompts": sum(1 for r in self.heldout_set["responses"] if r) if self.heldout_set else 0,
             "heldout_kl_tokens": last_eval.get("ta_opd/heldout/tokens"),
             "eval_problems": len(self.test_rows),
             "unscorable_data_sources": sorted(self.grader.unscorable),

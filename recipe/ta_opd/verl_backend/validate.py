@@ -201,8 +201,7 @@ def check_micro_batches(cfg: DictConfig, per_rank: int, mini_per_rank: int) -> N
     (``use_dynamic_bsz``) must hold the longest sequence (``utils/seqlen_balancing.py``), else
     verl asserts on the first long rollout, possibly many steps in."""
     rollout, actor = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.actor
-    longest = _positive_int(cfg.data.get("max_prompt_length", 1), "data.max_prompt_length") + \
-        _positive_int(cfg.data.max_response_length, "data.max_response_length")
+    longest = _longest(cfg)
     for dynamic, budget_key, mbs_key, share, what in (
             (actor.get("use_dynamic_bsz", False), "actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", mini_per_rank, "update"),
@@ -279,11 +278,16 @@ def check_loss_settings(cfg: DictConfig, ta: TAConfig, logits_path: bool) -> Non
                             "import it)")
 
 
+def _longest(cfg: DictConfig) -> int:
+    """The longest sequence a step can hold: data.max_prompt_length + data.max_response_length."""
+    return _positive_int(cfg.data.get("max_prompt_length", 1), "data.max_prompt_length") + \
+        _positive_int(cfg.data.max_response_length, "data.max_response_length")
+
+
 def check_teacher_token_budget(budget: int | None, cfg: DictConfig) -> None:
     """The teacher forwards one sequence at least: a token budget below the longest sequence would
     fail on the first long rollout, on the cluster; say so now."""
-    longest = _positive_int(cfg.data.get("max_prompt_length", 1), "data.max_prompt_length") + \
-        _positive_int(cfg.data.max_response_length, "data.max_response_length")
+    longest = _longest(cfg)
     if budget is not None and budget < longest:
         raise TAConfigError(f"ta_opd.teacher.max_tokens_per_micro_batch={budget} is below the longest sequence, "
                             f"data.max_prompt_length + max_response_length = {longest}; set it to at least {longest} "
