@@ -153,7 +153,7 @@ def test_rerunning_a_finished_run_leaves_its_summary_intact(tiny_pair, tmp_path,
     assert (tmp_path / "summary.json").read_bytes() == written and again == first
     assert calls == []  # nothing re-evaluated
     assert any("the run is finished (step 2 of trainer.total_training_steps=2)" in ln for ln in lines)
-    assert first["wall_seconds"] > 1.0 and first["resumed"] is False
+    assert first["wall_seconds"] > 0 and first["resumed"] is False  # a duration, not a timing bound
     # interrupted after step 1 and resumed: the wall time counts both sessions
     _train(pair, tmp_path / "b", save_freq=1, total_steps=1)
     _, resumed, _ = _train(pair, tmp_path / "b", save_freq=1)
