@@ -39,7 +39,8 @@ def test_toy_pair_layout(tiny_pair):
 
 
 def test_position_alignment_against_unbatched_forward():
-    from recipe.ta_opd.cpu.step import response_logits, token_logp
+    from recipe.ta_opd.cpu.step import response_logits
+    from ta_opd.rollout import token_logp
 
     tok = build_tokenizer()
     model = build_model(tok, STUDENT_ARCH, seed=3)

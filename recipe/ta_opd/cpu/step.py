@@ -27,7 +27,6 @@ import torch
 from ta_opd.config import TAConfig
 from ta_opd.losses import LossInputs, compute_loss, loss_needs
 from ta_opd.rollout import Rollout, kept_rows_supported, rollout_logits, rollout_logits_at
-from ta_opd.rollout import token_logp  # noqa: F401  (callers score tokens with step.token_logp)
 from ta_opd.select import Selection, select_positions
 from ta_opd.stats import PositionStats, sparse_position_stats, student_topk
 from ta_opd.teacher_outputs import TeacherOutputs, teacher_outputs
