@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import subprocess
 import sys
@@ -39,12 +40,15 @@ import toy_sweep  # noqa: E402  (launch/ is a folder of scripts, not a package)
 # (selector, budget, loss): full OPD, teachability at the paper's 5 % and 10 %, the budget-matched controls
 GRID = [("full", 0.10, "pg_opd"), ("teachability", 0.05, "pg_opd"), ("teachability", 0.10, "pg_opd"),
         ("random", 0.10, "pg_opd"), ("entropy", 0.10, "pg_opd")]
-CURVE_KEYS = ("ta_opd/heldout/kl", "val/student_accuracy")
+# held-out KL and accuracy at each evaluation; the training batch's sampled KL at every step (new prompts each step)
+CURVE_KEYS = ("ta_opd/heldout/kl", "val/student_accuracy", "ta_opd/kl/sampled_mean")
 
 
 def pair_overrides(pair, steps: int, lr: float, prompts: int, samples: int, eval_size: int, kl_prompts: int) -> list[str]:
     """The recipe's overrides for the pair: its folders and data (accuracy on the held-out test
-    problems), response length = the build's evaluation length, a checkpoint at the last step."""
+    problems), response length = the build's evaluation length, a checkpoint at the last step, and
+    no gradient checkpointing (a 135M student's activations for 8 short rollouts are a few hundred
+    MB; recomputing them would cost a third forward per update)."""
     if steps < 2:
         raise SystemExit(f"[real_lm] error: --steps={steps} is not allowed; it must be >= 2 (an evaluation mid-way)")
     length = pair.manifest["eval"]["student_greedy"]["max_new_tokens"]
@@ -54,7 +58,8 @@ def pair_overrides(pair, steps: int, lr: float, prompts: int, samples: int, eval
             f"data.max_response_length={length}", f"actor_rollout_ref.actor.optim.lr={lr}",
             f"trainer.total_training_steps={steps}", f"trainer.test_freq={max(1, steps // 2)}",
             f"trainer.save_freq={steps}", f"ta_opd.cpu.eval_size={eval_size}",
-            f"ta_opd.cpu.heldout_kl_prompts={kl_prompts}", "ta_opd.cpu.eval_batch_size=50"]
+            f"ta_opd.cpu.heldout_kl_prompts={kl_prompts}", "ta_opd.cpu.eval_batch_size=50",
+            "actor_rollout_ref.model.enable_gradient_checkpointing=false"]
 
 
 def sweep_argv(out: Path, jobs: int, seeds: list[int], overrides: list[str]) -> list[str]:
@@ -88,13 +93,63 @@ def curves(out: Path, grid: list[tuple], seeds: list[int]) -> list[dict]:
     return rows
 
 
+def _ms(xs: list[float], digits: int = 3) -> str:
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.{digits}f}" if xs else "–"
+
+
+def comparison(out: Path, grid: list[tuple], seeds: list[int]) -> list[dict]:
+    """The comparison table from the runs' summary.json, mean ± std over seeds: held-out KL before /
+    after / change on each seed's fixed samples, the change minus full OPD's change and minus random
+    selection's at the same ρ, ON THE SAME SEED (same initial student samples, same first rollouts:
+    paired contrasts), test accuracy before / after, kept ratio, wall time. Written to
+    out/comparison.md and out/comparison.csv."""
+    runs = {}
+    for selector, budget, loss in grid:
+        for seed in seeds:
+            f = out / toy_sweep.run_name(selector, budget, loss, seed) / "summary.json"
+            if f.exists():
+                runs[selector, budget, loss, seed] = json.loads(f.read_text())
+    full = {seed: s for (sel, _, _, seed), s in runs.items() if sel == "full"}
+    rand = {(b, seed): s for (sel, b, _, seed), s in runs.items() if sel == "random"}
+    rows = []
+    for selector, budget, loss in grid:
+        rs = {seed: runs[selector, budget, loss, seed] for seed in seeds if (selector, budget, loss, seed) in runs}
+        if not rs:
+            continue
+        vs_full = [s["heldout_kl_change"] - full[seed]["heldout_kl_change"] for seed, s in rs.items() if seed in full]
+        vs_rand = [s["heldout_kl_change"] - rand[budget, seed]["heldout_kl_change"] for seed, s in rs.items()
+                   if (budget, seed) in rand]
+        rows.append({
+            "setting": "full OPD" if selector == "full" else f"{selector} {budget:.0%}", "seeds": len(rs),
+            "heldout_kl_before": _ms([s["heldout_kl_before"] for s in rs.values()]),
+            "heldout_kl_after": _ms([s["heldout_kl_after"] for s in rs.values()]),
+            "heldout_kl_change": _ms([s["heldout_kl_change"] for s in rs.values()]),
+            "change_minus_full": "–" if selector == "full" else _ms(vs_full),
+            "change_minus_random": "–" if selector in ("full", "random") else _ms(vs_rand),
+            "accuracy_before": _ms([s["student_accuracy_before"] for s in rs.values()]),
+            "accuracy_after": _ms([s["student_accuracy_after"] for s in rs.values()]),
+            "kept_ratio": f"{statistics.mean(s['kept_ratio'] for s in rs.values()):.3f}",
+            "wall_s": f"{statistics.mean(s['wall_seconds'] for s in rs.values()):.0f}"})
+    if rows:
+        with open(out / "comparison.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        head = ["setting", "seeds", "held-out KL before", "held-out KL after", "change", "change − full OPD's", "change − random's (same ρ)",
+                "test accuracy before", "test accuracy after", "kept ratio", "wall s / run"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
+        (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
 def _plot(path: Path, rows: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(11, 4))
+    fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(5 * len(CURVE_KEYS), 4))
     for ax, key in zip(axes, CURVE_KEYS):
         for name in dict.fromkeys((r["selector"], r["budget"]) for r in rows):
             rs = [r for r in rows if (r["selector"], r["budget"]) == name and r["metric"] == key]
@@ -159,8 +214,10 @@ def main(argv=None) -> int:
     if a.what == "diagnose":
         return diagnose(out, pair, a.steps, a.bank_prompts, a.bank_per_prompt)
     over = pair_overrides(pair, a.steps, a.lr, a.prompts, a.samples, a.eval_size, a.kl_prompts) + a.overrides
-    toy_sweep.main(sweep_argv(out, a.jobs, a.seeds, over), grid=GRID, pair_key=pair.root.name)
+    toy_sweep.main(sweep_argv(out, a.jobs, a.seeds, over), grid=GRID, pair_key=pair.root.name, first_alone=False)
     curves(out, GRID, a.seeds)
+    if comparison(out, GRID, a.seeds):
+        print((out / "comparison.md").read_text())
     return 0
 
 

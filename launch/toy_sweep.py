@@ -141,8 +141,9 @@ def parse(argv=None) -> argparse.Namespace:
     return a
 
 
-def main(argv=None, grid: list[tuple] = GRID, pair_key: str | None = None) -> None:
-    """The sweep over ``grid`` ((selector, budget, loss) rows); launch/real_lm.py passes its own grid and pair."""
+def main(argv=None, grid: list[tuple] = GRID, pair_key: str | None = None, first_alone: bool = True) -> None:
+    """The sweep over ``grid`` ((selector, budget, loss) rows); launch/real_lm.py passes its own grid and pair,
+    built before the sweep, so its first run need not go alone (``first_alone=False``)."""
     a = parse(argv)
     out = Path(a.out).resolve()
     _claim(out, a.overrides, pair_key)
@@ -155,9 +156,9 @@ def main(argv=None, grid: list[tuple] = GRID, pair_key: str | None = None) -> No
               f"{r['student_accuracy_after']:.3f} ({time.time() - t0:.0f}s elapsed)", flush=True)
         return r
 
-    results = [one(todo[0])]  # alone: builds the toy pair once if it is missing
+    results = [one(todo[0])] if first_alone else []  # alone: builds the toy pair once if it is missing
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        results += list(pool.map(one, todo[1:]))
+        results += list(pool.map(one, todo[len(results):]))
     rows = tabulate(results, grid)  # out was created by _claim
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

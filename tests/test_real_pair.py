@@ -291,6 +291,31 @@ def test_launcher_curves_average_seeds_per_step(tmp_path):
         real_lm.pair_overrides(None, 1, 4e-6, 4, 4, 100, 16)
 
 
+def test_launcher_comparison_pairs_each_seed_with_full_opd(tmp_path):
+    real_lm = _launcher()
+    grid = [("full", 0.10, "pg_opd"), ("teachability", 0.05, "pg_opd"), ("random", 0.05, "pg_opd")]
+    # (selector, seed) -> (KL before, KL change, accuracy after)
+    runs = {("full", 0): (1.0, -0.20, 0.1), ("full", 1): (1.2, -0.30, 0.2),
+            ("teachability", 0): (1.0, -0.25, 0.0), ("teachability", 1): (1.2, -0.40, 0.2),
+            ("random", 0): (1.0, -0.10, 0.0)}
+    for (sel, seed), (before, change, acc) in runs.items():
+        budget = 0.10 if sel == "full" else 0.05
+        d = tmp_path / real_lm.toy_sweep.run_name(sel, budget, "pg_opd", seed)
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({
+            "heldout_kl_before": before, "heldout_kl_after": before + change, "heldout_kl_change": change,
+            "student_accuracy_before": 0.0, "student_accuracy_after": acc, "kept_ratio": 0.05,
+            "wall_seconds": 10.0}))
+    rows = real_lm.comparison(tmp_path, grid, [0, 1])
+    assert [r["setting"] for r in rows] == ["full OPD", "teachability 5%", "random 5%"]
+    # against random: only seed 0 has a random run -> -0.25 + 0.10
+    assert rows[1]["change_minus_random"] == "-0.150 ± 0.000" and rows[2]["change_minus_random"] == "–"
+    # paired by seed: (-0.25 + 0.20, -0.40 + 0.30) = (-0.05, -0.10) -> mean -0.075, std 0.035
+    assert rows[1]["change_minus_full"] == "-0.075 ± 0.035" and rows[0]["change_minus_full"] == "–"
+    assert rows[1]["heldout_kl_change"] == "-0.325 ± 0.106" and rows[1]["accuracy_after"] == "0.100 ± 0.141"
+    assert "| teachability 5% | 2 |" in (tmp_path / "comparison.md").read_text()
+
+
 def test_launcher_hands_the_sweep_its_seeds_and_overrides_apart(tmp_path):
     """Before: ``--seeds 0 1 2`` came last, so the sweep read the pair's overrides as seeds and
     exited with "invalid int value"."""

@@ -55,3 +55,36 @@ def test_an_output_folder_is_claimed_by_its_settings(tmp_path):
         assert "holds runs made with" in str(e) and "use another --out" in str(e)
     else:
         raise AssertionError("a sweep with other overrides reused the folder")
+
+
+def test_the_first_run_goes_alone_only_when_asked(tmp_path, monkeypatch):
+    """The toy sweep's first run goes alone (it may build the toy pair); launch/real_lm.py builds its
+    pair before the sweep and asks for all runs in parallel (``first_alone=False``)."""
+    import threading
+    import time
+
+    grid = [("full", 0.10, "pg_opd"), ("random", 0.10, "pg_opd")]
+
+    def run(first_alone: bool) -> list[str]:
+        events, lock = [], threading.Lock()
+
+        def fake_train(out, selector, budget, loss, seed, overrides):
+            with lock:
+                events.append(f"start {selector}")
+            time.sleep(0.3)
+            with lock:
+                events.append(f"end {selector}")
+            return {"selector": selector, "budget": budget, "loss": loss, "student_accuracy_before": 0.0,
+                    "student_accuracy_after": 0.0, "heldout_kl_after": 1.0, "kept_ratio": 0.1, "wall_seconds": 1.0,
+                    "teacher_accuracy": 1.0, "eval_problems": 1, "trained_now": True, "early_step": None,
+                    "early_accuracy": None, "kept_neg_adv": None}
+
+        monkeypatch.setattr(sweep, "_train", fake_train)
+        monkeypatch.setattr(sweep, "_claim", lambda *a, **k: None)
+        out = tmp_path / f"alone{first_alone}"
+        out.mkdir()
+        sweep.main(["--seeds", "0", "--jobs", "2", "--out", str(out)], grid=grid, first_alone=first_alone)
+        return events
+
+    assert run(True)[:2] == ["start full", "end full"]
+    assert sorted(run(False)[:2]) == ["start full", "start random"]
