@@ -93,10 +93,6 @@ def curves(out: Path, grid: list[tuple], seeds: list[int]) -> list[dict]:
     return rows
 
 
-def _ms(xs: list[float], digits: int = 3) -> str:
-    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.{digits}f}" if xs else "–"
-
-
 def comparison(out: Path, grid: list[tuple], seeds: list[int]) -> list[dict]:
     """The comparison table from the runs' summary.json, mean ± std over seeds: held-out KL before /
     after / change on each seed's fixed samples, the change minus full OPD's change and minus random
@@ -111,6 +107,9 @@ def comparison(out: Path, grid: list[tuple], seeds: list[int]) -> list[dict]:
                 runs[selector, budget, loss, seed] = json.loads(f.read_text())
     full = {seed: s for (sel, _, _, seed), s in runs.items() if sel == "full"}
     rand = {(b, seed): s for (sel, b, _, seed), s in runs.items() if sel == "random"}
+    def _ms(xs):  # mean ± std in nats / as a share, toy_sweep's format
+        return toy_sweep._fmt(xs, 1.0, 3)
+
     rows = []
     for selector, budget, loss in grid:
         rs = {seed: runs[selector, budget, loss, seed] for seed in seeds if (selector, budget, loss, seed) in runs}
@@ -135,8 +134,8 @@ def comparison(out: Path, grid: list[tuple], seeds: list[int]) -> list[dict]:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        head = ["setting", "seeds", "held-out KL before", "held-out KL after", "change", "change − full OPD's", "change − random's (same ρ)",
-                "test accuracy before", "test accuracy after", "kept ratio", "wall s / run"]
+        head = ["setting", "seeds", "held-out KL before", "held-out KL after", "change", "change − full OPD's",
+                "change − random's (same ρ)", "test accuracy before", "test accuracy after", "kept ratio", "wall s / run"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
         (out / "comparison.md").write_text("\n".join(lines) + "\n")
