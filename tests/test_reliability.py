@@ -339,7 +339,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_the_rerun_resumes(tiny_pair, tmp_
 
     cache, _ = tiny_pair
     ck = tmp_path / "checkpoints"
-    args = ["trainer.total_training_steps=40", "trainer.save_freq=1", "trainer.test_freq=0"]
+    args = ["trainer.total_training_steps=400", "trainer.save_freq=1", "trainer.test_freq=0"]  # 400: on an idle machine 40 steps (~4 s) could finish before the signal landed
     first = _entry(args, cache, tmp_path)
     try:
         deadline = time.time() + 240
